@@ -1,0 +1,40 @@
+"""Publish a model package to a deploy target."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from serving import registry
+
+log = logging.getLogger(__name__)
+
+
+def deploy_package(model_uri: str, target: str, endpoint: str, version: str) -> dict:
+    """Deploy the package at `model_uri` as `version` of `endpoint`.
+
+    Returns:
+        A record of the deployment: target, endpoint name, model version and,
+        for a local endpoint, the directory the server reads.
+    """
+    if target == "none":
+        return {"target": "none", "endpoint_name": None, "model_version": None}
+    if target == "local":
+        return _deploy_local(model_uri, endpoint, version)
+    raise ValueError(f"Unknown deploy target {target!r}. Expected local or none.")
+
+
+def _deploy_local(model_uri: str, endpoint: str, version: str) -> dict:
+    from tabmodel.packaging import fetch_package
+
+    with tempfile.TemporaryDirectory() as work:
+        unpacked = fetch_package(model_uri, Path(work) / "package")
+        directory = registry.publish(unpacked, endpoint, version)
+    return {
+        "target": "local",
+        "endpoint_name": endpoint,
+        "model_version": version,
+        "model_directory": str(directory),
+        "home": str(registry.home()),
+    }
