@@ -8,6 +8,7 @@ rows in one model call and answers JSON or CSV, following `Accept`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -190,6 +191,7 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
             await asyncio.sleep(config.poll_seconds)
             await run_in_threadpool(holder.refresh)
 
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         loop = asyncio.get_running_loop()
         load = loop.run_in_executor(None, holder.refresh)

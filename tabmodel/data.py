@@ -1,7 +1,7 @@
 """Read the Adult files from any source, verify them and parse them with polars.
 
 A source is the copy bundled with this package (`bundled`), a local directory,
-an `http(s)://` prefix or an `s3://` prefix. Each holds `adult.data` and
+an `http(s)://` prefix or an `s3://` prefix. Each contains `adult.data` and
 `adult.test`, plain or gzip-compressed (`adult.data.gz`).
 
 Run `python -m tabmodel.data --data SOURCE` to check a source from the shell.
@@ -42,8 +42,9 @@ EXIT_INVALID_DATA = 2
 _GZIP_MAGIC = b"\x1f\x8b"
 _HTML_STARTS = (b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")
 _COMMENT_PREFIX = "|"
-# Longest excerpt of a line quoted in an error message, in characters.
+# Maximum length, in characters, of a line excerpt quoted in an error message.
 _MAX_QUOTED = 120
+_FIX_ROW = " Correct or remove the row, then run again."
 
 
 class AdultDataError(ValueError):
@@ -252,7 +253,9 @@ def _read_s3(prefix: str, name: str) -> RawFile:
     options = s3_client_options()
     endpoint = options.get("endpoint_url", "the AWS default")
     log.info("Reading s3://%s/%s through endpoint %s", bucket, key_prefix, endpoint)
-    client = boto3.client(
+    # A new session resolves the credentials again, where boto3's default
+    # session keeps the first ones it found for the life of the process.
+    client = boto3.session.Session().client(
         "s3", config=Config(retries={"max_attempts": 3, "mode": "standard"}), **options
     )
     for key_name in (name, f"{name}.gz"):
@@ -331,11 +334,12 @@ def _reject_html(location: str, content: bytes) -> None:
 def parse_adult(content: bytes, location: str) -> pl.DataFrame:
     """Parse one Adult file into a frame with the schema's columns and types.
 
-    Handles the quirks of the originals: no header row (a header naming the
-    columns is accepted), a space after each comma, the `|1x3 Cross validator`
-    comment line, a trailing dot on test labels, `?` for a missing category, and
-    blank lines. Skipped lines are counted in the log. Missing categories
-    (`?` or an empty field) become nulls; numbers become Float64.
+    Handles the quirks of the originals: no header row, a space after each
+    comma, the `|1x3 Cross validator` comment line, a trailing dot on test
+    labels, `?` for a missing category, and blank lines. A user export may add
+    a header row naming the columns and double quotes around fields, as R's
+    write.csv does. Skipped lines are counted in the log. Missing categories
+    (`?` or an empty field) become nulls, and numbers become Float64.
 
     Raises:
         AdultDataError: naming the file, line, column, value and the fix.
@@ -372,7 +376,7 @@ def parse_adult(content: bytes, location: str) -> pl.DataFrame:
     frame = fields.select(
         "line",
         *[
-            pl.col("fields").list.get(i).str.strip_chars().alias(name)
+            _unquote(pl.col("fields").list.get(i)).alias(name)
             for i, name in enumerate(names)
         ],
     )
@@ -381,6 +385,17 @@ def parse_adult(content: bytes, location: str) -> pl.DataFrame:
     frame = _convert_label(frame, location, last_line)
     ordered = [c.name for c in schema.COLUMNS]
     return frame.select(ordered)
+
+
+def _unquote(field: pl.Expr) -> pl.Expr:
+    """Strip spaces and one pair of double quotes, as R's write.csv adds."""
+    stripped = field.str.strip_chars()
+    quoted = stripped.str.starts_with('"') & stripped.str.ends_with('"')
+    return (
+        pl.when(quoted & (stripped.str.len_chars() >= 2))
+        .then(stripped.str.slice(1, stripped.str.len_chars() - 2).str.strip_chars())
+        .otherwise(stripped)
+    )
 
 
 def _decode(content: bytes, location: str) -> str:
@@ -419,9 +434,10 @@ def _drop_skipped_lines(
 def _column_order(lines: pl.DataFrame, location: str) -> tuple[list[str], pl.DataFrame]:
     """Return the column order, read from a header row if the file has one."""
     first = lines.row(0, named=True)
-    cells = [c.strip() for c in first["text"].split(",")]
+    cells = [_unquote_cell(c) for c in first["text"].split(",")]
     if _is_number(cells[0]):
         return [c.name for c in schema.COLUMNS], lines
+
     where = f"{location}, line {first['line']}"
     names, unknown = [], []
     for cell in cells:
@@ -429,11 +445,13 @@ def _column_order(lines: pl.DataFrame, location: str) -> tuple[list[str], pl.Dat
             names.append(schema.normalize_name(cell))
         except ValueError:
             unknown.append(cell)
+
     if cells[0] in unknown:
         raise AdultDataError(
             f"{where}, column {schema.COLUMNS[0].name}: received {_quote(cells[0])}, "
             "expected a number, or a header row that names the columns."
         )
+
     duplicates = sorted({n for n in names if names.count(n) > 1})
     missing = [c.name for c in schema.COLUMNS if c.name not in names]
     if unknown or duplicates or missing:
@@ -449,8 +467,16 @@ def _column_order(lines: pl.DataFrame, location: str) -> tuple[list[str], pl.Dat
             f"{'; '.join(problems)}. Expected each of the {len(schema.COLUMNS)} "
             f"columns once. {schema.accepted_names()}"
         )
+
     log.info("%s: header row found, columns mapped by name", location)
     return names, lines.slice(1)
+
+
+def _unquote_cell(cell: str) -> str:
+    cell = cell.strip()
+    if len(cell) >= 2 and cell.startswith('"') and cell.endswith('"'):
+        return cell[1:-1].strip()
+    return cell
 
 
 def _is_number(cell: str) -> bool:
@@ -471,7 +497,7 @@ def _check_field_counts(
     raise AdultDataError(
         f"{location}, line {row['line']}: received {row['count']} comma-separated "
         f"fields in {_quote(row['text'])}, expected {expected}."
-        f"{_truncation_hint(row['line'], last_line)}{_more(bad.height)}"
+        f"{_row_fix(row['line'], last_line)}{_more(bad.height)}"
     )
 
 
@@ -484,7 +510,7 @@ def _convert_numeric(frame: pl.DataFrame, location: str) -> pl.DataFrame:
             line, value = bad.row(0)
             raise AdultDataError(
                 f"{location}, line {line}, column {name}: received {_quote(value)}, "
-                f"expected a finite number.{_more(bad.height)}"
+                f"expected a finite number.{_FIX_ROW}{_more(bad.height)}"
             )
         frame = frame.with_columns(parsed)
         if name in schema.NON_NEGATIVE:
@@ -493,7 +519,7 @@ def _convert_numeric(frame: pl.DataFrame, location: str) -> pl.DataFrame:
                 line, value = negative.row(0)
                 raise AdultDataError(
                     f"{location}, line {line}, column {name}: received {value:g}, "
-                    f"expected a number >= 0.{_more(negative.height)}"
+                    f"expected a number >= 0.{_FIX_ROW}{_more(negative.height)}"
                 )
     return frame
 
@@ -522,15 +548,16 @@ def _convert_label(
             f"{location}, line {line}, column {schema.LABEL}: received "
             f"{_quote(value)}, expected one of {' or '.join(schema.CLASSES)} (a "
             "trailing dot is accepted)."
-            f"{_truncation_hint(line, last_line)}{_more(bad.height)}"
+            f"{_row_fix(line, last_line)}{_more(bad.height)}"
         )
     return frame
 
 
-def _truncation_hint(line: int, last_line: int | None) -> str:
-    """Explain a bad last line in a file that ends without a newline."""
+def _row_fix(line: int, last_line: int | None) -> str:
+    """Return the fix for a bad row, or advice to fetch the file again when the
+    row is the unterminated last line."""
     if line != last_line:
-        return ""
+        return _FIX_ROW
     return (
         " The file ends inside this line without a newline, so it is probably "
         "truncated: copy or download it again."

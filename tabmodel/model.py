@@ -92,10 +92,9 @@ class PiecewiseLinearEncoding(layers.Layer):
     """Encode each standardised numeric column as piecewise-linear bin values.
 
     A column with bin edges e_0 < ... < e_T becomes T values, one per bin:
-    0 below the bin, 1 above it and the linear position inside it (Gorishniy
-    et al. 2022, "On Embeddings for Numerical Features in Tabular Deep
-    Learning", arXiv:2203.05556). Columns with fewer bins are padded with
-    zeros up to the largest bin count.
+    0 below the bin, 1 above it and the linear position inside it, which is
+    the piecewise-linear encoding (PLE) for numeric features. Columns with
+    fewer bins are padded with zeros up to the largest bin count.
 
     Args:
         bin_edges: ascending edges of each column, at least two per column.
@@ -333,7 +332,7 @@ def create_tabtransformer(
         numeric_stats: output of `numeric_statistics` on the training split.
         num_layers: number of transformer blocks.
         num_heads: attention heads per block; must divide `embedding_dims`.
-        embedding_dims: size of each categorical embedding.
+        embedding_dims: size of each column token, categorical or numeric.
         transformer_dropout: dropout rate inside the transformer blocks.
         mlp_hidden_layers: number of hidden layers in the MLP head.
         mlp_hidden_multiples: hidden layer sizes as multiples of the head's

