@@ -119,31 +119,45 @@ def redact(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def url_from_secret(secret_id: str) -> str:
+def url_from_secret(secret_id: str, base_url: str = "") -> str:
     """Build a MySQL URL from a Secrets Manager secret in the RDS format.
 
-    The secret's JSON has username, password, host, port and dbname, as the
-    secrets RDS manages do. The endpoint follows boto3's configuration, so
-    `AWS_ENDPOINT_URL_SECRETS_MANAGER` points it at an emulator.
+    A secret RDS manages for a cluster holds only username and password, so
+    host, port and database come from the secret when present and otherwise
+    from `base_url` (the `--storage` URL without a password). The endpoint
+    follows boto3's configuration, so `AWS_ENDPOINT_URL_SECRETS_MANAGER` points
+    it at an emulator.
+
+    Raises:
+        ValueError: the secret lacks credentials, or nothing names the host.
     """
     import boto3
-    from sqlalchemy.engine import URL
+    from sqlalchemy.engine import URL, make_url
 
     client = boto3.client("secretsmanager")
     secret = json.loads(client.get_secret_value(SecretId=secret_id)["SecretString"])
-    missing = [k for k in ("username", "password", "host") if k not in secret]
+    base = (
+        make_url(base_url)
+        if base_url and not base_url.startswith(JOURNAL_SCHEME)
+        else None
+    )
+    missing = [key for key in ("username", "password") if key not in secret]
+    host = secret.get("host") or (base.host if base else None)
+    if not host:
+        missing.append("host")
     if missing:
         raise ValueError(
-            f"Secret {secret_id} lacks the keys {', '.join(missing)}. Expected the "
-            "JSON RDS uses: username, password, host, port, dbname."
+            f"Secret {secret_id} lacks {', '.join(missing)}. Expected the JSON RDS "
+            "uses (username, password, host, port, dbname); pass the host in "
+            "--storage, e.g. mysql+pymysql://HOST:3306/optuna, if the secret has none."
         )
     url = URL.create(
-        "mysql+pymysql",
+        base.drivername if base else "mysql+pymysql",
         username=secret["username"],
         password=secret["password"],
-        host=secret["host"],
-        port=int(secret.get("port", 3306)),
-        database=secret.get("dbname") or secret.get("dbName") or "optuna",
+        host=host,
+        port=int(secret.get("port") or (base.port if base and base.port else 3306)),
+        database=secret.get("dbname") or (base.database if base else None) or "optuna",
     )
     return url.render_as_string(hide_password=False)
 
@@ -155,7 +169,7 @@ def resolve_storage_url(url: str, secret_id: str | None = None) -> str:
     log it or keep it as an artifact.
     """
     if secret_id:
-        return url_from_secret(secret_id)
+        return url_from_secret(secret_id, url)
     password = os.environ.get(PASSWORD_ENV)
     if url.startswith(JOURNAL_SCHEME) or not password:
         return url
