@@ -13,6 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from metaflow import (  # noqa: E402
     FlowSpec,
     Parameter,
+    card,
     catch,
     current,
     resources,
@@ -163,10 +164,12 @@ class IncomeFlow(FlowSpec):
         )
         self.next(self.split)
 
+    @card(id="data")
     @step
     def split(self):
         """Sample (optionally) and split the training file into train and
         validation, stratified by label."""
+        from tabmodel.reports import data_card
         from tabmodel.split import sample_rows, train_validation_split
 
         rows = sample_rows(self.full_train, self.sample_rows, self.seed)
@@ -179,6 +182,12 @@ class IncomeFlow(FlowSpec):
             "test": self.test.height,
         }
         log.info("split: %s", self.split_counts)
+        current.card.extend(
+            data_card(
+                {"train": self.train, "validation": self.validation, "test": self.test},
+                self.provenance,
+            )
+        )
         self.worker_ids = list(range(self.workers))
         self.next(self.tune, foreach="worker_ids")
 
@@ -259,13 +268,26 @@ class IncomeFlow(FlowSpec):
         )
         self.next(self.evaluate)
 
+    @card(id="evaluation")
     @step
     def evaluate(self):
         """Score the model and a boosted-tree baseline on the official test file."""
         from tabmodel.pipeline import evaluate_package
+        from tabmodel.reports import evaluation_card
 
-        self.metrics, self.baseline_metrics = evaluate_package(
+        result = evaluate_package(
             self.model_uri, self.train, self.validation, self.test, seed=self.seed
+        )
+        self.metrics = result["metrics"]
+        self.baseline_metrics = result["baseline_metrics"]
+        current.card.extend(
+            evaluation_card(
+                result["labels"],
+                result["probabilities"],
+                self.metrics,
+                self.baseline_metrics,
+                result["baseline_probabilities"],
+            )
         )
         log.info(
             "test metrics: %s; baseline: %s",

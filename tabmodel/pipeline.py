@@ -108,12 +108,13 @@ def evaluate_package(
     test: pl.DataFrame,
     *,
     seed: int,
-) -> tuple[dict, dict]:
+) -> dict:
     """Score the packaged model and a boosted-tree baseline on `test`.
 
     Returns:
-        The model's metrics and the baseline's, each with accuracy, roc_auc,
-        pr_auc and log_loss.
+        A dict with `metrics` and `baseline_metrics` (each with accuracy,
+        roc_auc, pr_auc and log_loss), the test `labels`, and both models'
+        `probabilities` and `baseline_probabilities`.
     """
     from tabmodel.baseline import gbdt_probabilities, train_gbdt
     from tabmodel.training import compute_metrics, label_array, predict_probabilities
@@ -121,7 +122,13 @@ def evaluate_package(
     with tempfile.TemporaryDirectory() as work:
         model = load_keras_model(fetch_package(model_uri, work))
     labels = label_array(test)
-    metrics = compute_metrics(labels, predict_probabilities(model, test))
+    probabilities = predict_probabilities(model, test)
     baseline = train_gbdt(pl.concat([train, validation]), seed)
-    baseline_metrics = compute_metrics(labels, gbdt_probabilities(baseline, test))
-    return metrics, baseline_metrics
+    baseline_probabilities = gbdt_probabilities(baseline, test)
+    return {
+        "metrics": compute_metrics(labels, probabilities),
+        "baseline_metrics": compute_metrics(labels, baseline_probabilities),
+        "labels": labels,
+        "probabilities": probabilities,
+        "baseline_probabilities": baseline_probabilities,
+    }

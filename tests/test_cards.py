@@ -1,0 +1,34 @@
+"""Cards of the session's small run render offline with their figures."""
+
+from __future__ import annotations
+
+import pytest
+from metaflow.cards import get_cards
+
+PNG = "data:image/png;base64"
+
+
+def _card_html(run, step: str) -> str:
+    cards = get_cards(run[step].task)
+    assert len(cards) >= 1
+    return cards[0].get()
+
+
+@pytest.mark.parametrize(
+    ("step", "texts", "images"),
+    [
+        ("split", ["Rows and class balance", "Missing values per column"], 6),
+        ("evaluate", ["ROC curve", "Precision-recall curve", "Confusion matrix",
+                      "Calibration", "boosted trees"], 4),
+    ],
+)
+def test_card_has_sections_and_images(small_run, step, texts, images):
+    html = _card_html(small_run, step)
+    for text in texts:
+        assert text in html
+    assert html.count(PNG) >= images
+
+
+def test_cards_fetch_nothing_at_render(small_run):
+    html = _card_html(small_run, "evaluate")
+    assert "<script src=\"http" not in html
