@@ -32,6 +32,13 @@ def endpoint_dir(name: str) -> Path:
 
 def publish(package: str | os.PathLike, name: str, version: str) -> Path:
     """Copy the unpacked `package` as `version` of endpoint `name`, make it current."""
+    root = home()
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(
+            f"{HOME_ENV} is {str(root)!r}, which is not a directory. Point "
+            f"{HOME_ENV} at a writable directory, then deploy again (or resume "
+            "the run)."
+        )
     target = endpoint_dir(name) / "versions" / version
     if target.exists():
         shutil.rmtree(target)

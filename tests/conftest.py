@@ -75,7 +75,9 @@ class ServerProcess:
     def __init__(self, *args: str, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="server-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(
+            prefix="server-", suffix=".log", delete=False
+        )
         self.process = subprocess.Popen(
             [sys.executable, "-m", "serving", "--port", str(self.port), *args],
             cwd=REPO,

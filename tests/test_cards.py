@@ -18,8 +18,17 @@ def _card_html(run, step: str) -> str:
     ("step", "texts", "images"),
     [
         ("split", ["Rows and class balance", "Missing values per column"], 6),
-        ("evaluate", ["ROC curve", "Precision-recall curve", "Confusion matrix",
-                      "Calibration", "boosted trees"], 4),
+        (
+            "evaluate",
+            [
+                "ROC curve",
+                "Precision-recall curve",
+                "Confusion matrix",
+                "Calibration",
+                "boosted trees",
+            ],
+            4,
+        ),
     ],
 )
 def test_card_has_sections_and_images(small_run, step, texts, images):
@@ -31,4 +40,4 @@ def test_card_has_sections_and_images(small_run, step, texts, images):
 
 def test_cards_fetch_nothing_at_render(small_run):
     html = _card_html(small_run, "evaluate")
-    assert "<script src=\"http" not in html
+    assert '<script src="http' not in html
