@@ -322,7 +322,7 @@ class IncomeFlow(FlowSpec):
 
 def _datastore_root(flow) -> str:
     # NOTE: Metaflow has no public accessor for the datastore root in a step;
-    # this private attribute is stable across the 2.x releases.
+    # this private attribute is the one Metaflow 2.19 uses internally.
     return flow._datastore.parent_datastore.datastore_root
 
 

@@ -35,7 +35,7 @@ def _image(figure) -> Image:
 
 
 def data_card(frames: dict[str, pl.DataFrame], provenance: dict) -> list:
-    """Row counts and class balance per split, missing values, numeric plots."""
+    """Show row counts and class balance per split, missing values and numeric plots."""
     components = [Markdown("# Data")]
     components.append(
         Markdown(
@@ -88,7 +88,7 @@ def data_card(frames: dict[str, pl.DataFrame], provenance: dict) -> list:
 
 
 def tuning_card(summary: dict, study=None) -> list:
-    """Optimisation history, parameter importances, best parameters, counts."""
+    """Show optimisation history, parameter importances, best parameters, counts."""
     components = [Markdown("# Tuning")]
     components.append(
         Markdown(
@@ -166,7 +166,7 @@ def evaluation_card(
     baseline_probabilities: np.ndarray | None = None,
     threshold: float = 0.5,
 ) -> list:
-    """Metrics table, ROC and PR curves, confusion matrix and calibration."""
+    """Show a metrics table, ROC and PR curves, the confusion matrix and calibration."""
     from sklearn import metrics as sk_metrics
     from sklearn.calibration import calibration_curve
 
@@ -232,7 +232,7 @@ def evaluation_card(
 
 
 def deployment_card(deployment: dict, model_uri: str, sample: dict | None) -> list:
-    """Where the model went and a sample request with its response."""
+    """Show where the model went, and a sample request with its response."""
     components = [Markdown("# Deployment")]
     rows = [[key, str(value)] for key, value in deployment.items()]
     rows.append(["model_uri", model_uri])
