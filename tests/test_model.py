@@ -62,7 +62,7 @@ def splits(adult):
 
 
 @pytest.fixture(scope="module")
-def test_rows(adult):
+def holdout_rows(adult):
     return adult.test.head(200)
 
 
@@ -73,13 +73,13 @@ def trained(splits):
 
 
 @pytest.fixture(scope="module")
-def probabilities(trained, test_rows):
-    return predict_probabilities(trained.model, test_rows)
+def probabilities(trained, holdout_rows):
+    return predict_probabilities(trained.model, holdout_rows)
 
 
-def test_output_shape(trained, test_rows):
-    output = trained.model.predict_on_batch(feature_arrays(test_rows))
-    assert output.shape == (test_rows.height, 1)
+def test_output_shape(trained, holdout_rows):
+    output = trained.model.predict_on_batch(feature_arrays(holdout_rows))
+    assert output.shape == (holdout_rows.height, 1)
 
 
 def test_output_at_least_zero(probabilities):
@@ -166,11 +166,11 @@ np.save(sys.argv[3], model.predict_on_batch(inputs))
 """
 
 
-def test_saved_model_predicts_same_in_new_process(trained, test_rows, tmp_path):
+def test_saved_model_predicts_same_in_new_process(trained, holdout_rows, tmp_path):
     model_path = tmp_path / "model.keras"
     inputs_path = tmp_path / "inputs.npz"
     output_path = tmp_path / "output.npy"
-    inputs = feature_arrays(test_rows)
+    inputs = feature_arrays(holdout_rows)
     trained.model.save(model_path)
     np.savez(inputs_path, **inputs)
     expected = trained.model.predict_on_batch(inputs)
@@ -196,12 +196,14 @@ def test_saved_model_predicts_same_in_new_process(trained, test_rows, tmp_path):
     ],
     ids=["unseen", "none", "question_mark", "empty", "blank", "nan_age", "nan_gain"],
 )
-def test_unusual_input_gives_probability(trained, test_rows, column, value):
-    rows = test_rows.head(5).with_columns(
-        pl.lit(value, dtype=test_rows.schema[column]).alias(column)
+def test_unusual_input_gives_probability(trained, holdout_rows, column, value):
+    rows = holdout_rows.head(5).with_columns(
+        pl.lit(value, dtype=holdout_rows.schema[column]).alias(column)
     )
     probabilities = predict_probabilities(trained.model, rows)
-    assert np.all((probabilities >= 0.0) & (probabilities <= 1.0))
+    assert np.all(np.isfinite(probabilities))
+    assert np.all(probabilities >= 0.0)
+    assert np.all(probabilities <= 1.0)
 
 
 def test_training_deterministic(trained, splits):
