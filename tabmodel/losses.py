@@ -35,4 +35,6 @@ def create_loss(
             gamma=gamma,
             name=FOCAL,
         )
-    raise ValueError(f"loss must be one of {', '.join(LOSSES)}. Received: loss={loss!r}")
+    raise ValueError(
+        f"loss must be one of {', '.join(LOSSES)}. Received: loss={loss!r}"
+    )

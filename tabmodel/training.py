@@ -106,7 +106,9 @@ def make_dataset(
         columns = (*columns, weight_array(frame))
     dataset = tf.data.Dataset.from_tensor_slices(columns)
     if shuffle:
-        dataset = dataset.shuffle(frame.height, seed=seed, reshuffle_each_iteration=True)
+        dataset = dataset.shuffle(
+            frame.height, seed=seed, reshuffle_each_iteration=True
+        )
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
