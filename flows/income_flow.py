@@ -79,25 +79,31 @@ class IncomeFlow(FlowSpec):
         type=int,
         help="Maximum training epochs per trial; early stopping may end sooner.",
     )
+    # NOTE: Metaflow stores Parameter values before `start` runs, so a
+    # password passed in --storage is in the run's `_parameters` artifacts even
+    # though `start` rejects the run.
     storage = Parameter(
         "storage",
         default="",
         help="Optuna storage URL without a password: journal:PATH, sqlite:///PATH, "
-        "mysql+pymysql://USER@HOST/DB or postgresql://USER@HOST/DB. The password "
-        "comes from TABMODEL_STORAGE_PASSWORD. Default: a journal file next to the "
-        "local Metaflow datastore.",
+        "mysql+pymysql://USER@HOST:PORT/DB or postgresql://USER@HOST:PORT/DB "
+        "(psycopg driver). The password comes from TABMODEL_STORAGE_PASSWORD or "
+        "from --storage-secret. Default: a journal file next to the local "
+        "Metaflow datastore.",
     )
     storage_secret = Parameter(
         "storage-secret",
         default="",
         help="Secrets Manager secret id or ARN with the RDS JSON (username, "
-        "password, host, port, dbname); overrides --storage.",
+        "password, host, port, dbname), read at run time. Host, port and "
+        "database missing from the secret come from --storage, whose driver is "
+        "used (default mysql+pymysql).",
     )
     study_name = Parameter(
         "study-name",
         default="",
-        help="Optuna study to use; an existing study continues (warm start). "
-        "Default: IncomeFlow-<run id>.",
+        help="Optuna study to use; an existing study continues (warm start) and "
+        "its earlier trials inform the sampler. Default: IncomeFlow-<run id>.",
     )
     seed = Parameter(
         "seed",
@@ -109,12 +115,82 @@ class IncomeFlow(FlowSpec):
         "deploy-target",
         default="local",
         help="Where to deploy the model: 'local' (a local endpoint that "
-        "python -m serving serves) or 'none'.",
+        "python -m serving serves), 'sagemaker' (a SageMaker real-time endpoint; "
+        "needs --serving-image, --sagemaker-role and an S3 datastore) or 'none'.",
+    )
+    serving_image = Parameter(
+        "serving-image",
+        default="",
+        help="ECR URI of the serving image built from Dockerfile.serving, e.g. "
+        "123456789012.dkr.ecr.us-east-1.amazonaws.com/tabmodel-serving:latest. "
+        "Used by --deploy-target sagemaker.",
+    )
+    sagemaker_role = Parameter(
+        "sagemaker-role",
+        default="",
+        help="ARN of the IAM execution role the SageMaker model assumes to read "
+        "the model package and pull the image. Used by --deploy-target sagemaker.",
+    )
+    instance_type = Parameter(
+        "instance-type",
+        default="ml.m5.large",
+        help="SageMaker instance type of the endpoint (one instance). Used by "
+        "--deploy-target sagemaker.",
     )
     endpoint_name = Parameter(
         "endpoint-name",
         default="income",
         help="Name of the endpoint the model is published to.",
+    )
+    trainer = Parameter(
+        "trainer",
+        default="local",
+        help="Where retrain trains the final model: 'local' (in the step's own "
+        "process, or its AWS Batch container with --with batch) or 'sagemaker' "
+        "(a SageMaker training job running tabmodel.train_entry).",
+    )
+    training_image = Parameter(
+        "training-image",
+        default="",
+        help="ECR URI of the training image (docker/Dockerfile.training) for "
+        "--trainer sagemaker. For AWS Batch, set the image with "
+        "--with batch:image=URI or METAFLOW_BATCH_CONTAINER_IMAGE instead.",
+    )
+    sagemaker_role = Parameter(
+        "sagemaker-role",
+        default="",
+        help="ARN of the IAM execution role of the SageMaker training job.",
+    )
+    training_instance_type = Parameter(
+        "training-instance-type",
+        default="ml.g5.xlarge",
+        help="SageMaker instance type of the training job.",
+    )
+    spot = Parameter(
+        "spot",
+        default=True,
+        type=bool,
+        help="Use managed spot training for the SageMaker job (true or false); "
+        "the job resumes from its last epoch checkpoint after an interruption.",
+    )
+    sagemaker_max_run = Parameter(
+        "sagemaker-max-run",
+        default=3600,
+        type=int,
+        help="Maximum training time of the SageMaker job, in seconds.",
+    )
+    sagemaker_max_wait = Parameter(
+        "sagemaker-max-wait",
+        default=5400,
+        type=int,
+        help="Maximum time of a spot job, waiting for capacity included, in "
+        "seconds; at least --sagemaker-max-run.",
+    )
+    sagemaker_bucket = Parameter(
+        "sagemaker-bucket",
+        default="",
+        help="S3 bucket or s3://bucket/prefix for the job's input data, "
+        "checkpoints and model artifact. Default: the S3 datastore root.",
     )
 
     @step
@@ -130,17 +206,23 @@ class IncomeFlow(FlowSpec):
         )
         tuning.check_storage_url(self.storage_url)
         self.study_name_used = self.study_name or f"IncomeFlow-{current.run_id}"
-        # Trials of this run carry this key, so a resumed run counts them.
+        # Trials of this run carry this key; `resume` clones this step, so a
+        # resumed run finds and skips the trials already finished.
         self.run_key = f"{current.flow_name}/{current.run_id}"
         url = tuning.resolve_storage_url(self.storage_url, self.storage_secret or None)
-        tuning.create_study(url, self.study_name_used)
+        study = tuning.create_study(url, self.study_name_used)
+        self.trials_before = len(study.get_trials(deepcopy=False))
         self.trial_shares = tuning.trials_per_worker(self.trials, self.workers)
         log.info(
-            "study %s on %s: %d trials across %d workers",
+            "study %s on %s%s: %d trials across %d workers, %d earlier trials",
             self.study_name_used,
             tuning.redact(self.storage_url),
+            f" (credentials from secret {self.storage_secret})"
+            if self.storage_secret
+            else "",
             self.trials,
             self.workers,
+            self.trials_before,
         )
         self.next(self.ingest)
 
@@ -201,6 +283,8 @@ class IncomeFlow(FlowSpec):
         from tabmodel.pipeline import limit_threads
 
         limit_threads(self.workers)
+        # The URL may contain the password, so it stays a local variable and
+        # never becomes an artifact.
         config = tuning.WorkerConfig(
             storage_url=tuning.resolve_storage_url(
                 self.storage_url, self.storage_secret or None
@@ -213,7 +297,8 @@ class IncomeFlow(FlowSpec):
             seed=self.seed,
             run_key=self.run_key,
         )
-        self.worker_counts = tuning.run_worker(config, self.train, self.validation)
+        objective = tuning.training_objective(config, self.train, self.validation)
+        self.worker_counts = tuning.run_worker(config, objective)
         log.info("worker %d finished: %s", self.input, self.worker_counts)
         self.next(self.join_tuning)
 
@@ -222,6 +307,8 @@ class IncomeFlow(FlowSpec):
         """Pick the best trial of the study and record each worker's outcome."""
         from tabmodel import tuning
 
+        # A worker that raised, or whose process died, has `tune_error` set by
+        # @catch and no `worker_counts`; its finished trials are in the study.
         self.worker_errors = {
             str(task.input): repr(task.tune_error)
             for task in inputs
@@ -229,17 +316,23 @@ class IncomeFlow(FlowSpec):
         }
         self.merge_artifacts(inputs, exclude=["worker_counts", "tune_error"])
         url = tuning.resolve_storage_url(self.storage_url, self.storage_secret or None)
+        self.orphaned_trials = tuning.fail_orphaned_trials(
+            url, self.study_name_used, self.run_key
+        )
         summary = tuning.summarize_study(url, self.study_name_used, self.run_key)
         self.best_params = summary["best_params"]
         self.best_value = summary["best_value"]
+        self.best_trial = summary["best_trial"]
         self.best_epoch = summary["best_epoch"]
         self.trial_counts = summary["per_worker"]
         self.trial_totals = summary["totals"]
         self.trial_history = summary["history"]
+        for worker, error in sorted(self.worker_errors.items()):
+            log.warning("worker %s failed: %s", worker, error)
         log.info(
             "tuning: %s; best trial %d, validation PR AUC %.4f; failed workers: %s",
             self.trial_totals,
-            summary["best_trial"],
+            self.best_trial,
             self.best_value,
             sorted(self.worker_errors) or "none",
         )
@@ -249,22 +342,39 @@ class IncomeFlow(FlowSpec):
     @resources(gpu=1, cpu=4, memory=16000)
     @step
     def retrain(self):
-        """Train the best configuration on train + validation and store the
-        model package under this run's id."""
-        from tabmodel.pipeline import package_destination, retrain_and_package
-
-        destination = package_destination(_datastore_root(self), current)
-        self.model_uri, self.retrain_epochs = retrain_and_package(
-            self.best_params,
-            self.best_epoch,
-            self.train,
-            self.validation,
-            seed=self.seed,
-            destination=destination,
-            metadata={"run": self.run_key, "best_params": self.best_params},
+        """Train the best configuration on train + validation, locally or as a
+        SageMaker training job, and record the model package's location."""
+        from tabmodel.pipeline import (
+            package_destination,
+            retrain_and_package,
+            retrain_epochs,
         )
+
+        self.training_job = None
+        if self.trainer == "sagemaker":
+            self.training_job = _retrain_on_sagemaker(self)
+            self.model_uri = self.training_job["model_uri"]
+            self.retrain_epochs = retrain_epochs(self.best_epoch)
+        elif self.trainer == "local":
+            destination = package_destination(_datastore_root(self), current)
+            self.model_uri, self.retrain_epochs = retrain_and_package(
+                self.best_params,
+                self.best_epoch,
+                self.train,
+                self.validation,
+                seed=self.seed,
+                destination=destination,
+                metadata={"run": self.run_key, "best_params": self.best_params},
+            )
+        else:
+            raise ValueError(
+                f"--trainer must be 'local' or 'sagemaker'. Received: {self.trainer!r}"
+            )
         log.info(
-            "retrained for %d epochs; package %s", self.retrain_epochs, self.model_uri
+            "retrained for %d epochs (%s); package %s",
+            self.retrain_epochs,
+            self.trainer,
+            self.model_uri,
         )
         self.next(self.evaluate)
 
@@ -302,7 +412,13 @@ class IncomeFlow(FlowSpec):
         from serving.deploy import deploy_package
 
         self.deployment = deploy_package(
-            self.model_uri, self.deploy_target, self.endpoint_name, current.run_id
+            self.model_uri,
+            self.deploy_target,
+            self.endpoint_name,
+            current.run_id,
+            image=self.serving_image,
+            role=self.sagemaker_role,
+            instance_type=self.instance_type,
         )
         self.model_version = self.deployment.get("model_version")
         log.info("deploy: %s", self.deployment)
@@ -324,6 +440,37 @@ def _datastore_root(flow) -> str:
     # NOTE: Metaflow has no public accessor for the datastore root in a step;
     # this private attribute is the one Metaflow 2.19 uses internally.
     return flow._datastore.parent_datastore.datastore_root
+
+
+def _retrain_on_sagemaker(flow) -> dict:
+    from tabmodel import sagemaker_training as sm
+    from tabmodel.pipeline import retrain_epochs
+
+    prefix = sm.resolve_s3_prefix(flow.sagemaker_bucket, _datastore_root(flow))
+    config = sm.SageMakerConfig(
+        image=flow.training_image,
+        role_arn=flow.sagemaker_role,
+        s3_prefix=prefix,
+        instance_type=flow.training_instance_type,
+        spot=flow.spot,
+        max_run_s=flow.sagemaker_max_run,
+        max_wait_s=flow.sagemaker_max_wait,
+    )
+    config.validate()
+    job_name = sm.training_job_name(
+        current.flow_name, current.run_id, current.retry_count
+    )
+    return sm.retrain_on_sagemaker(
+        flow.best_params,
+        retrain_epochs(flow.best_epoch),
+        flow.train,
+        flow.validation,
+        seed=flow.seed,
+        run_key=flow.run_key,
+        job_name=job_name,
+        prefix=sm.job_prefix(prefix, current.flow_name, current.run_id, job_name),
+        config=config,
+    )
 
 
 def _rounded(metrics: dict) -> dict:

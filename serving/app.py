@@ -19,7 +19,7 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -32,6 +32,16 @@ log = logging.getLogger("serving")
 # Batches above this many rows are scored in a worker thread so the event loop
 # keeps answering /ping.
 THREAD_BATCH_ROWS = 256
+
+# Bytes of an oversized body read and discarded before the 413 is sent.
+DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
+
+# Seconds a request waits for a model load in progress before a 503.
+LOAD_WAIT_S = 30
+
+# For tests only: seconds each model load sleeps before loading, so a test can
+# observe /ping returning 503 while the model loads.
+LOAD_DELAY_ENV = "TABMODEL_SERVING_LOAD_DELAY"
 
 
 @dataclass
@@ -74,18 +84,23 @@ class ModelHolder:
         return registry.current_version(self.config.endpoint)
 
     def refresh(self) -> None:
-        """Load the wanted version if it differs from the one being served."""
+        """Load the requested version if it differs from the one being served."""
         with self._lock:
             try:
                 version, directory = self.locate()
                 if version == self.loaded_version:
                     return
                 started = time.perf_counter()
+                time.sleep(float(os.environ.get(LOAD_DELAY_ENV) or 0))
                 predictor = Predictor(directory, version)
                 predictor.warm_up()
             except Exception as error:  # reported by /ping, the server keeps running
-                self.error = f"{type(error).__name__}: {error}"
-                log.error("model load failed: %s", self.error)
+                message = f"{type(error).__name__}: {error}"
+                # The poller retries every few seconds, so only a new error is
+                # logged, not each repeat.
+                if message != self.error:
+                    log.error("model load failed: %s", message)
+                self.error = message
                 return
             self.predictor, self.loaded_version, self.error = predictor, version, None
             log.info(
@@ -104,16 +119,39 @@ def _unpacked(tarball: Path) -> Path:
 
 
 def _response_type(accept: str) -> str | None:
-    """Pick JSON or CSV from an Accept header; None when neither is acceptable."""
+    """Pick JSON or CSV from an Accept header; None when neither is acceptable.
+
+    The first acceptable media range wins; one with `q=0` is skipped.
+    """
     if not accept.strip():
         return "application/json"
     for part in accept.split(","):
-        media_type = part.split(";")[0].strip().lower()
+        media_type, *parameters = (item.strip().lower() for item in part.split(";"))
+        if any(_is_zero_quality(parameter) for parameter in parameters):
+            continue
         if media_type in ("application/json", "application/*", "*/*"):
             return "application/json"
         if media_type in ("text/csv", "text/*"):
             return "text/csv"
     return None
+
+
+def _is_zero_quality(parameter: str) -> bool:
+    name, _, value = parameter.partition("=")
+    if name.strip() != "q":
+        return False
+    try:
+        return float(value) == 0.0
+    except ValueError:
+        return False
+
+
+def _request_id(request: Request) -> str:
+    """Return the client's x-request-id when it is a short token, else a new id."""
+    supplied = request.headers.get("x-request-id", "")
+    if 0 < len(supplied) <= 64 and supplied.isascii() and supplied.isprintable():
+        return supplied
+    return uuid.uuid4().hex[:16]
 
 
 def create_app(config: ServerConfig | None = None) -> Starlette:
@@ -131,7 +169,7 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
         return JSONResponse({"status": "ready", "version": predictor.version})
 
     async def invocations(request: Request) -> Response:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        request_id = _request_id(request)
         try:
             return await _invoke(request, request_id)
         except RequestError as error:
@@ -145,18 +183,34 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
             return JSONResponse(
                 body, status_code=error.status, headers={"x-request-id": request_id}
             )
+        except ClientDisconnect:
+            log.info(
+                "request %s: client disconnected before the body ended", request_id
+            )
+            return Response(status_code=400)
+        except Exception:
+            # A bug or a model failure, not a client error: logged with its
+            # traceback, answered without details, and the worker keeps serving.
+            log.exception("request %s failed", request_id)
+            return JSONResponse(
+                {"error": "Internal server error.", "request_id": request_id},
+                status_code=500,
+                headers={"x-request-id": request_id},
+            )
 
     async def _invoke(request: Request, request_id: str) -> Response:
-        predictor = holder.predictor
+        predictor = await _loaded_predictor()
         if predictor is None:
             raise RequestError(
                 503, "The model is not loaded yet; retry after /ping returns 200."
             )
-        response_type = _response_type(request.headers.get("accept", ""))
+        accept = request.headers.get("accept", "")
+        response_type = _response_type(accept)
         if response_type is None:
             raise RequestError(
                 406,
-                f"Unsupported Accept {request.headers.get('accept')[:64]!r}.",
+                f"Unsupported Accept {accept[:64]!r}.",
+                received=accept[:64],
                 expected="application/json or text/csv",
             )
         body = await _read_limited(request)
@@ -186,6 +240,17 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
             headers=headers,
         )
 
+    async def _loaded_predictor() -> Predictor | None:
+        # With several workers, /ping may succeed on one worker while another
+        # still loads, so a request waits for a load in progress instead of
+        # failing at once.
+        deadline = time.monotonic() + LOAD_WAIT_S
+        while holder.predictor is None and holder.error is None:
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        return holder.predictor
+
     async def poll_for_versions() -> None:
         while True:
             await asyncio.sleep(config.poll_seconds)
@@ -213,26 +278,43 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
 
 
 async def _read_limited(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_PAYLOAD_BYTES:
-        raise RequestError(
-            413,
-            f"Payload of {declared} bytes exceeds the limit.",
-            expected=f"at most {MAX_PAYLOAD_BYTES} bytes",
-        )
+    """Read the body, or raise a 413 once it exceeds MAX_PAYLOAD_BYTES.
+
+    An oversized body is read to its end (up to DRAIN_LIMIT_BYTES) and
+    discarded before the 413 goes out: a client still sending would otherwise
+    see the connection reset instead of the response.
+    """
+    declared = request.headers.get("content-length", "")
+    too_large = None
+    if declared.isascii() and declared.isdigit() and int(declared) > MAX_PAYLOAD_BYTES:
+        too_large = f"Payload of {declared} bytes exceeds the limit."
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_PAYLOAD_BYTES:
-            raise RequestError(
-                413,
-                "Payload exceeds the limit.",
-                expected=f"at most {MAX_PAYLOAD_BYTES} bytes",
-            )
-        chunks.append(chunk)
+            too_large = too_large or "Payload exceeds the limit."
+        if too_large:
+            chunks.clear()
+            if size > DRAIN_LIMIT_BYTES:
+                break
+        else:
+            chunks.append(chunk)
+    if too_large:
+        raise RequestError(
+            413, too_large, expected=f"at most {MAX_PAYLOAD_BYTES} bytes"
+        )
     return b"".join(chunks)
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+
+
 def create_app_from_env() -> Starlette:
-    """Application factory for uvicorn workers."""
+    """Application factory for uvicorn workers, which also configures logging.
+
+    Workers started with `--workers` are fresh processes, so the logging setup
+    of `python -m serving` does not reach them.
+    """
+    level = os.environ.get("TABMODEL_SERVING_LOG_LEVEL", "info").upper()
+    logging.basicConfig(level=level, format=LOG_FORMAT)
     return create_app(ServerConfig.from_env())

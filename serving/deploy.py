@@ -11,18 +11,46 @@ from serving import registry
 log = logging.getLogger(__name__)
 
 
-def deploy_package(model_uri: str, target: str, endpoint: str, version: str) -> dict:
+def deploy_package(
+    model_uri: str,
+    target: str,
+    endpoint: str,
+    version: str,
+    *,
+    image: str = "",
+    role: str = "",
+    instance_type: str = "",
+    session=None,
+) -> dict:
     """Deploy the package at `model_uri` as `version` of `endpoint`.
+
+    `image`, `role`, `instance_type` and `session` (a boto3 Session) apply to
+    the sagemaker target only; see `serving.sagemaker.deploy_sagemaker`.
 
     Returns:
         A record of the deployment: target, endpoint name, model version and,
-        for a local endpoint, the directory the server reads.
+        for a local endpoint, the directory the server reads; for SageMaker,
+        the model and endpoint configuration names and the smoke request.
     """
     if target == "none":
         return {"target": "none", "endpoint_name": None, "model_version": None}
     if target == "local":
         return _deploy_local(model_uri, endpoint, version)
-    raise ValueError(f"Unknown deploy target {target!r}. Expected local or none.")
+    if target == "sagemaker":
+        from serving.sagemaker import DEFAULT_INSTANCE_TYPE, deploy_sagemaker
+
+        return deploy_sagemaker(
+            model_uri,
+            endpoint,
+            version,
+            image=image,
+            role=role,
+            instance_type=instance_type or DEFAULT_INSTANCE_TYPE,
+            session=session,
+        )
+    raise ValueError(
+        f"Unknown deploy target {target!r}. Expected local, sagemaker or none."
+    )
 
 
 def _deploy_local(model_uri: str, endpoint: str, version: str) -> dict:

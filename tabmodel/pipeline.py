@@ -15,12 +15,11 @@ from tabmodel.packaging import (
     load_keras_model,
     make_tarball,
     store_package,
-    write_package,
 )
 
 log = logging.getLogger(__name__)
 
-DEPLOY_TARGETS = ("local", "none")
+DEPLOY_TARGETS = ("local", "sagemaker", "none")
 
 
 def validate_parameters(flow) -> None:
@@ -69,6 +68,15 @@ def package_destination(datastore_root: str, current) -> str:
     return f"{root}/models/{current.flow_name}/{current.run_id}/{TARBALL}"
 
 
+def retrain_epochs(best_epoch: int) -> int:
+    """Return the epoch count for retraining on train + validation.
+
+    The best trial stopped at `best_epoch` on 80% of the rows; with 25% more
+    rows per epoch, the same epoch count is a conservative choice.
+    """
+    return max(1, int(best_epoch))
+
+
 def retrain_and_package(
     best_params: dict,
     best_epoch: int,
@@ -82,19 +90,26 @@ def retrain_and_package(
     """Train on train + validation for the best trial's epochs, then store
     the package at `destination`.
 
+    Training runs in this process through the training container's code
+    (`tabmodel.train_entry.train`), under MirroredStrategy when several GPUs
+    are visible.
+
     Returns:
         The package's location and the number of epochs trained.
     """
-    from tabmodel.training import train_model
+    from tabmodel.train_entry import train as train_package
 
-    combined = pl.concat([train, validation])
-    # The best trial stopped at `best_epoch` on 80% of the rows; with 25% more
-    # rows per epoch, the same epoch count is a conservative choice.
-    epochs = max(1, int(best_epoch))
-    result = train_model(best_params, combined, None, epochs=epochs, seed=seed)
+    epochs = retrain_epochs(best_epoch)
+    hyperparameters = {**best_params, "epochs": epochs, "seed": seed}
     with tempfile.TemporaryDirectory() as work:
-        package = write_package(
-            result.model, Path(work) / "package", {**metadata, "epochs": epochs}
+        package = Path(work) / "package"
+        train_package(
+            hyperparameters,
+            train,
+            validation,
+            package,
+            checkpoint_dir=None,
+            metadata={**metadata, "trainer": "local"},
         )
         tarball = make_tarball(package, Path(work) / TARBALL)
         uri = store_package(tarball, destination)
