@@ -406,10 +406,12 @@ class IncomeFlow(FlowSpec):
         )
         self.next(self.deploy)
 
+    @card(id="deployment")
     @step
     def deploy(self):
         """Publish the model package to the deploy target."""
-        from serving.deploy import deploy_package
+        from serving.deploy import deploy_package, sample_exchange
+        from tabmodel.reports import deployment_card
 
         self.deployment = deploy_package(
             self.model_uri,
@@ -421,6 +423,8 @@ class IncomeFlow(FlowSpec):
             instance_type=self.instance_type,
         )
         self.model_version = self.deployment.get("model_version")
+        sample = sample_exchange(self.model_uri, self.test)
+        current.card.extend(deployment_card(self.deployment, self.model_uri, sample))
         log.info("deploy: %s", self.deployment)
         self.next(self.end)
 

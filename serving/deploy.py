@@ -66,3 +66,32 @@ def _deploy_local(model_uri: str, endpoint: str, version: str) -> dict:
         "model_directory": str(directory),
         "home": str(registry.home()),
     }
+
+
+def sample_exchange(model_uri: str, frame, rows: int = 3) -> dict:
+    """Score the first `rows` rows of `frame` with the package, as the server would.
+
+    Returns:
+        The CSV request body and the JSON response body for those rows.
+    """
+    import polars as pl
+
+    from serving.parsing import CSV, parse_body
+    from serving.predictor import Predictor
+    from tabmodel import schema
+    from tabmodel.packaging import fetch_package
+
+    sample = frame.head(rows).select(schema.FEATURE_COLUMNS)
+    sample = sample.with_columns(
+        pl.col(name).fill_null(schema.MISSING) for name in schema.CATEGORICAL_FEATURES
+    )
+    request = sample.write_csv(include_header=False, float_precision=0).strip()
+    with tempfile.TemporaryDirectory() as work:
+        predictor = Predictor(fetch_package(model_uri, Path(work) / "package"))
+        probabilities = predictor.predict(parse_body(request.encode(), CSV))
+        labels = predictor.labels(probabilities)
+    predictions = [
+        {"probability": round(float(p), 6), "label": label}
+        for p, label in zip(probabilities, labels, strict=True)
+    ]
+    return {"request": request, "response": {"predictions": predictions}}

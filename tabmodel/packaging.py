@@ -121,7 +121,7 @@ def store_package(tarball: str | os.PathLike, destination: str) -> str:
             overwritten.
     """
     if destination.startswith("s3://"):
-        return _upload_s3(Path(tarball), destination)
+        return upload_bytes_s3(Path(tarball).read_bytes(), destination)
     target = Path(destination)
     if target.exists():
         raise FileExistsError(f"Model package {target} exists; packages are immutable.")
@@ -138,8 +138,8 @@ def fetch_package(uri: str, directory: str | os.PathLike) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     local = directory / TARBALL
     if uri.startswith("s3://"):
-        bucket, key = _split_s3(uri)
-        _s3_client().download_file(bucket, key, str(local))
+        bucket, key = split_s3_uri(uri)
+        s3_client().download_file(bucket, key, str(local))
     else:
         shutil.copyfile(uri, local)
     unpack_tarball(local, directory)
@@ -147,25 +147,73 @@ def fetch_package(uri: str, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def _upload_s3(tarball: Path, uri: str) -> str:
+def upload_bytes_s3(body: bytes, uri: str) -> str:
+    """Upload `body` to the `s3://` URI `uri` unless an object exists there.
+
+    The existence check comes first; the upload then sends `If-None-Match: *`,
+    so S3 also rejects the write when another writer created the key in
+    between. An S3-compatible store that ignores the header leaves that
+    window open.
+
+    Raises:
+        FileExistsError: an object already exists at `uri`.
+    """
     from botocore.exceptions import ClientError
 
-    client = _s3_client()
-    bucket, key = _split_s3(uri)
+    client = s3_client()
+    bucket, key = split_s3_uri(uri)
+    if _s3_object_exists(client, bucket, key):
+        raise FileExistsError(f"S3 object {uri} exists and is never overwritten.")
     try:
-        client.head_object(Bucket=bucket, Key=key)
-    except ClientError:
-        client.upload_file(str(tarball), bucket, key)
-        return uri
-    raise FileExistsError(f"Model package {uri} exists; packages are immutable.")
+        client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in _PRECONDITION_FAILED:
+            raise FileExistsError(
+                f"S3 object {uri} exists and is never overwritten."
+            ) from error
+        raise
+    return uri
 
 
-def _split_s3(uri: str) -> tuple[str, str]:
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """Split `s3://bucket/key` into bucket and key.
+
+    Raises:
+        ValueError: `uri` is not an `s3://` URI with a bucket.
+    """
+    if not uri.startswith("s3://"):
+        raise ValueError(f"Expected an s3://bucket/key URI. Received: {uri!r}")
     bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"S3 URI has no bucket: {uri!r}")
     return bucket, key
 
 
-def _s3_client():
+def s3_client():
+    """Create a boto3 S3 client for the datastore's S3 endpoint.
+
+    METAFLOW_S3_ENDPOINT_URL selects an S3-compatible store, as it does for
+    Metaflow; without it boto3 uses AWS_ENDPOINT_URL_S3 or the AWS endpoint.
+    """
     import boto3
 
-    return boto3.client("s3", endpoint_url=os.environ.get("METAFLOW_S3_ENDPOINT_URL"))
+    endpoint = os.environ.get("METAFLOW_S3_ENDPOINT_URL") or None
+    return boto3.client("s3", endpoint_url=endpoint)
+
+
+# Error codes for a missing object (HEAD returns no body, so only the status)
+# and for a failed If-None-Match precondition.
+_NOT_FOUND = ("404", "NoSuchKey", "NotFound")
+_PRECONDITION_FAILED = ("412", "PreconditionFailed", "ConditionalRequestConflict")
+
+
+def _s3_object_exists(client, bucket: str, key: str) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in _NOT_FOUND:
+            return False
+        raise
+    return True
