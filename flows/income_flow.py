@@ -125,12 +125,6 @@ class IncomeFlow(FlowSpec):
         "123456789012.dkr.ecr.us-east-1.amazonaws.com/tabmodel-serving:latest. "
         "Used by --deploy-target sagemaker.",
     )
-    sagemaker_role = Parameter(
-        "sagemaker-role",
-        default="",
-        help="ARN of the IAM execution role the SageMaker model assumes to read "
-        "the model package and pull the image. Used by --deploy-target sagemaker.",
-    )
     instance_type = Parameter(
         "instance-type",
         default="ml.m5.large",
@@ -159,7 +153,9 @@ class IncomeFlow(FlowSpec):
     sagemaker_role = Parameter(
         "sagemaker-role",
         default="",
-        help="ARN of the IAM execution role of the SageMaker training job.",
+        help="ARN of the IAM execution role of SageMaker training jobs and "
+        "models: it reads the data and model package in S3 and pulls the images. "
+        "Used by --trainer sagemaker and --deploy-target sagemaker.",
     )
     training_instance_type = Parameter(
         "training-instance-type",
