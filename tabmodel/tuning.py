@@ -1,23 +1,36 @@
 """Hyperparameter search with Optuna: one study shared by parallel workers.
 
 The study lives in a storage every worker can reach: a journal file for local
-runs, or MySQL/PostgreSQL (Aurora MySQL in the cloud). The flow creates storage
-and study once, before the fan-out, because several processes creating the
-tables at once race and fail.
+runs, or SQLite, MySQL or PostgreSQL (Aurora MySQL in the cloud). The flow
+creates storage and study once, before the fan-out, because several processes
+creating the tables at once race and fail.
+
+Passwords never travel in `--storage`: they come from the environment variable
+TABMODEL_STORAGE_PASSWORD or from a Secrets Manager secret, are added to the
+URL only in memory, and are removed from the messages of errors raised here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import itertools
 import json
 import logging
 import os
 import random
 import time
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+from optuna.storages import (
+    JournalStorage,
+    RDBStorage,
+    RetryHeartbeatStaleTrialCallback,
+)
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
@@ -28,20 +41,67 @@ PASSWORD_ENV = "TABMODEL_STORAGE_PASSWORD"
 # The metric each trial maximises: PR AUC on the validation split.
 OBJECTIVE_METRIC = "val_pr_auc"
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+COUNTED_STATES = ("complete", "pruned", "fail")
+
 # Seconds between heartbeats of a running trial, and how long a trial may go
-# without one before another worker marks it failed and re-queues it.
+# without one before another worker marks it failed and re-queues it. Only the
+# SQL storages have heartbeats. The environment variables shorten them in tests.
 HEARTBEAT_INTERVAL = 30
 GRACE_PERIOD = 120
+HEARTBEAT_INTERVAL_ENV = "TABMODEL_HEARTBEAT_INTERVAL"
+GRACE_PERIOD_ENV = "TABMODEL_GRACE_PERIOD"
+# How often a trial whose worker died is re-queued before it stays failed.
 MAX_TRIAL_RETRIES = 2
-# MySQL error codes worth retrying: deadlock, lock wait timeout, server gone
-# away, connection lost during a query.
-TRANSIENT_MYSQL_ERRORS = (1205, 1213, 2006, 2013)
+# Seconds a worker that finished its share waits for other workers' running
+# trials, so that it can re-run those whose worker dies, and seconds between
+# its checks for stale or re-queued trials.
+MAX_WAIT_FOR_OTHERS = 3600
+WAIT_POLL_SECONDS = 2
+# Attempts for storage calls that fail with a transient error; the delay
+# doubles from 1 s, plus up to 1 s of jitter.
+STORAGE_ATTEMPTS = 5
+# Age in seconds after which the pool replaces a connection, so connections
+# rarely outlive a server's or proxy's idle timeout; pre-ping catches the rest.
+POOL_RECYCLE = 280
+
+# MySQL/MariaDB error codes worth retrying: lock wait timeout (1205), deadlock
+# (1213), can't connect (2003), server gone away (2006), connection lost during
+# a query (2013, 2055).
+TRANSIENT_MYSQL_ERRORS = frozenset({1205, 1213, 2003, 2006, 2013, 2055})
+# PostgreSQL SQLSTATE codes worth retrying: serialization failure, deadlock,
+# lock not available, server shutting down, and class 08 (connection errors).
+TRANSIENT_POSTGRES_STATES = frozenset({"40001", "40P01", "55P03", "57P01", "57P03"})
+
+# Test hook that simulates a worker dying mid-trial. The worker whose id is in
+# TABMODEL_TEST_EXIT_WORKER calls os._exit in its trial number
+# TABMODEL_TEST_EXIT_AFTER (counted from 0 in this process, default 0). It
+# fires only while the file TABMODEL_TEST_EXIT_MARKER does not exist, and
+# creates that file, so it fires once per marker.
+TEST_EXIT_WORKER_ENV = "TABMODEL_TEST_EXIT_WORKER"
+TEST_EXIT_AFTER_ENV = "TABMODEL_TEST_EXIT_AFTER"
+TEST_EXIT_MARKER_ENV = "TABMODEL_TEST_EXIT_MARKER"
+
+
+# Trials this process started, for the test hook.
+_trials_started = itertools.count()
+
+
+class StorageError(RuntimeError):
+    """A storage error whose message had the database password removed."""
+
+
+class TrialError(RuntimeError):
+    """Training failed for one configuration, so the trial fails and the worker
+    goes on."""
 
 
 def suggest_params(trial: optuna.Trial, max_epochs: int) -> dict:
     """Sample one configuration; conditional parameters only when they matter.
 
-    This function is the whole search space.
+    This function is the whole search space. `mlp_multiple_<i>` exists for
+    each hidden MLP layer, the focal loss parameters only for the focal loss,
+    and `focal_alpha` only with class balancing on, because Keras' focal loss
+    ignores alpha otherwise.
     """
     params = {
         "num_layers": trial.suggest_int("num_layers", 1, 4),
@@ -61,7 +121,6 @@ def suggest_params(trial: optuna.Trial, max_epochs: int) -> dict:
         params["class_balancing"] = trial.suggest_categorical(
             "class_balancing", [False, True]
         )
-        # Keras applies alpha only with class balancing on.
         if params["class_balancing"]:
             params["focal_alpha"] = trial.suggest_float("focal_alpha", 0.1, 0.9)
     params["learning_rate"] = trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True)
@@ -74,6 +133,9 @@ def suggest_params(trial: optuna.Trial, max_epochs: int) -> dict:
     return params
 
 
+# --- Storage URLs and credentials -------------------------------------------
+
+
 def default_storage_url(root: str | os.PathLike) -> str:
     """Return a journal-file storage URL under `root`, safe for local processes."""
     path = Path(root).resolve() / "optuna" / "journal.log"
@@ -81,13 +143,14 @@ def default_storage_url(root: str | os.PathLike) -> str:
 
 
 def check_storage_url(url: str) -> None:
-    """Reject a storage URL that carries a password.
+    """Reject a storage URL that carries a password or cannot be parsed.
 
     Metaflow keeps every Parameter value as an artifact, so a password in
     `--storage` would be stored in plain text.
 
     Raises:
-        ValueError: the URL contains a password or is not a storage URL.
+        ValueError: the URL contains a password or is not a storage URL. The
+            message never contains the password.
     """
     if url.startswith(JOURNAL_SCHEME):
         return
@@ -96,17 +159,18 @@ def check_storage_url(url: str) -> None:
 
     try:
         parsed = make_url(url)
-    except ArgumentError as error:
+    except ArgumentError:
+        # The URL is not echoed: an unparseable URL may still hold a password.
         raise ValueError(
-            f"Invalid --storage URL {url!r}. Expected journal:PATH, sqlite:///PATH, "
-            "mysql+pymysql://USER@HOST/DB or postgresql://USER@HOST/DB."
-        ) from error
+            "Invalid --storage URL. Expected journal:PATH, sqlite:///PATH, "
+            "mysql+pymysql://USER@HOST:PORT/DB or postgresql://USER@HOST:PORT/DB."
+        ) from None
     if parsed.password is not None:
-        safe = parsed.render_as_string(hide_password=True)
         raise ValueError(
-            f"--storage must not contain a password (received {safe}). Remove it "
-            f"from the URL and set the environment variable {PASSWORD_ENV}, or "
-            "pass --storage-secret with a Secrets Manager secret id."
+            f"--storage must not contain a password (received {redact(url)}). "
+            f"Remove it from the URL and set the environment variable "
+            f"{PASSWORD_ENV}, or pass --storage-secret with a Secrets Manager "
+            "secret id."
         )
 
 
@@ -115,27 +179,61 @@ def redact(url: str) -> str:
     if url.startswith(JOURNAL_SCHEME):
         return url
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
-    return make_url(url).render_as_string(hide_password=True)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable storage URL>"
+
+
+def normalize_storage_url(url: str) -> str:
+    """Return `url` with plain `postgresql://` mapped to the psycopg 3 driver.
+
+    SQLAlchemy 2.0 maps `postgresql://` to psycopg2, which this project does
+    not install; SQLAlchemy 2.1 already maps it to psycopg. Other URLs are
+    returned unchanged.
+    """
+    if url.startswith(JOURNAL_SCHEME):
+        return url
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.drivername != "postgresql" or importlib.util.find_spec("psycopg2"):
+        return url
+    return parsed.set(drivername="postgresql+psycopg").render_as_string(
+        hide_password=False
+    )
 
 
 def url_from_secret(secret_id: str, base_url: str = "") -> str:
-    """Build a MySQL URL from a Secrets Manager secret in the RDS format.
+    """Build a database URL from a Secrets Manager secret in the RDS format.
 
     A secret RDS manages for a cluster holds only username and password, so
     host, port and database come from the secret when present and otherwise
-    from `base_url` (the `--storage` URL without a password). The endpoint
-    follows boto3's configuration, so `AWS_ENDPOINT_URL_SECRETS_MANAGER` points
-    it at an emulator.
+    from `base_url` (the `--storage` URL without a password), whose driver is
+    kept. The endpoint follows boto3's configuration, so
+    `AWS_ENDPOINT_URL_SECRETS_MANAGER` points it at an emulator.
 
     Raises:
-        ValueError: the secret lacks credentials, or nothing names the host.
+        ValueError: the secret is not JSON, lacks credentials, or nothing
+            names the host.
     """
     import boto3
     from sqlalchemy.engine import URL, make_url
 
     client = boto3.client("secretsmanager")
-    secret = json.loads(client.get_secret_value(SecretId=secret_id)["SecretString"])
+    secret_string = client.get_secret_value(SecretId=secret_id)["SecretString"]
+    try:
+        secret = json.loads(secret_string)
+    except json.JSONDecodeError:
+        secret = None
+    if not isinstance(secret, dict):
+        raise ValueError(
+            f"Secret {secret_id} is not a JSON object. Expected the JSON RDS uses: "
+            '{"username": ..., "password": ..., "host": ..., "port": ..., '
+            '"dbname": ...}.'
+        ) from None
     base = (
         make_url(base_url)
         if base_url and not base_url.startswith(JOURNAL_SCHEME)
@@ -159,55 +257,223 @@ def url_from_secret(secret_id: str, base_url: str = "") -> str:
         port=int(secret.get("port") or (base.port if base and base.port else 3306)),
         database=secret.get("dbname") or (base.database if base else None) or "optuna",
     )
-    return url.render_as_string(hide_password=False)
+    return normalize_storage_url(url.render_as_string(hide_password=False))
 
 
 def resolve_storage_url(url: str, secret_id: str | None = None) -> str:
     """Return the URL to connect with, the password filled in at run time.
 
-    The result may contain a password: pass it to `create_storage` and never
-    log it or keep it as an artifact.
+    The password comes from the secret `secret_id` when given, otherwise from
+    the environment variable TABMODEL_STORAGE_PASSWORD. The result may
+    contain a password: pass it to `create_storage` and never log it or keep
+    it as an artifact.
     """
     if secret_id:
         return url_from_secret(secret_id, url)
     password = os.environ.get(PASSWORD_ENV)
     if url.startswith(JOURNAL_SCHEME) or not password:
-        return url
+        return normalize_storage_url(url)
     from sqlalchemy.engine import make_url
 
     with_password = make_url(url).set(password=password)
-    return with_password.render_as_string(hide_password=False)
+    return normalize_storage_url(with_password.render_as_string(hide_password=False))
 
 
-def create_storage(url: str) -> optuna.storages.BaseStorage:
-    """Open the storage at `url` (journal file or SQLAlchemy URL)."""
+def _password_of(url: str) -> str | None:
     if url.startswith(JOURNAL_SCHEME):
-        path = Path(url[len(JOURNAL_SCHEME) :])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
-    engine_kwargs = {}
-    if not url.startswith("sqlite"):
-        # Pre-ping and recycling replace connections the server closed while a
-        # long trial ran (MySQL's wait_timeout, proxies' idle timeouts).
-        engine_kwargs = {"pool_pre_ping": True, "pool_recycle": 280}
-    return RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=HEARTBEAT_INTERVAL,
-        grace_period=GRACE_PERIOD,
-        failed_trial_callback=RetryFailedTrialCallback(max_retry=MAX_TRIAL_RETRIES),
-    )
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).password or None
+    except ArgumentError:
+        return None
+
+
+def _error_chain(error: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _safe_message(error: BaseException, password: str | None) -> str:
+    """Return `error`'s type and message with `password` replaced by ***."""
+    message = f"{type(error).__name__}: {error}"
+    if password:
+        message = message.replace(password, "***")
+    return message
+
+
+@contextlib.contextmanager
+def hide_password_in_errors(url: str) -> Iterator[None]:
+    """Re-raise errors that mention the password of `url` as `StorageError`.
+
+    Drivers and SQLAlchemy may put the connection URL into a message. The
+    replacement drops the original exception and its chain, because Metaflow
+    prints and stores a caught exception with its chain.
+    """
+    password = _password_of(url)
+    try:
+        yield
+    except Exception as error:
+        if not password or not any(
+            password in f"{link} {link!r}" for link in _error_chain(error)
+        ):
+            raise
+        message = "; caused by ".join(
+            _safe_message(link, password) for link in _error_chain(error)
+        )
+        raise StorageError(message) from None
+
+
+# --- Storage and study -------------------------------------------------------
+
+
+def heartbeat_settings() -> tuple[int, int]:
+    """Return (heartbeat interval, grace period) in seconds.
+
+    TABMODEL_HEARTBEAT_INTERVAL and TABMODEL_GRACE_PERIOD override the
+    defaults of 30 s and 120 s.
+
+    Raises:
+        ValueError: an override is not a positive integer.
+    """
+    settings = []
+    for name, default in (
+        (HEARTBEAT_INTERVAL_ENV, HEARTBEAT_INTERVAL),
+        (GRACE_PERIOD_ENV, GRACE_PERIOD),
+    ):
+        raw = os.environ.get(name, "")
+        try:
+            value = int(raw) if raw else default
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ValueError(f"{name} must be a positive integer. Received: {raw!r}")
+        settings.append(value)
+    return settings[0], settings[1]
+
+
+def create_storage(
+    url: str, *, create_tables: bool = True
+) -> optuna.storages.BaseStorage:
+    """Open the storage at `url` (journal file or SQLAlchemy URL).
+
+    SQL storages get pooled connections with pre-ping and recycling, and
+    heartbeats: a trial without a heartbeat for the grace period is marked
+    failed by the next worker that starts a trial, and re-queued up to
+    MAX_TRIAL_RETRIES times. Pass `create_tables=False` where another process
+    has created the tables, because concurrent creation races.
+    """
+    with hide_password_in_errors(url):
+        if url.startswith(JOURNAL_SCHEME):
+            path = Path(url[len(JOURNAL_SCHEME) :])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(path)))
+        url = normalize_storage_url(url)
+        engine_kwargs = {}
+        if not url.startswith("sqlite"):
+            # Pre-ping and recycling replace connections the server closed
+            # while a long trial ran (wait_timeout, proxies' idle timeouts).
+            engine_kwargs = {"pool_pre_ping": True, "pool_recycle": POOL_RECYCLE}
+        interval, grace = heartbeat_settings()
+        with _quiet_experimental_warnings():
+            return RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=interval,
+                grace_period=grace,
+                heartbeat_stale_trial_callback=RequeueStaleTrials(
+                    max_retry=MAX_TRIAL_RETRIES
+                ),
+                skip_table_creation=not create_tables,
+            )
+
+
+@contextlib.contextmanager
+def _quiet_experimental_warnings() -> Iterator[None]:
+    # Heartbeats, the retry callback and TPE's `group` option are marked
+    # experimental in Optuna 5.1, and this module uses them on purpose.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 def create_study(url: str, study_name: str) -> optuna.Study:
-    """Create the study, or load it when it exists (a warm start)."""
-    storage = create_storage(url)
-    return optuna.create_study(
-        storage=storage,
-        study_name=study_name,
-        direction="maximize",
-        load_if_exists=True,
-    )
+    """Create the storage's tables and the study, or load the study when it
+    exists (a warm start). Transient database errors are retried."""
+
+    def create() -> optuna.Study:
+        return optuna.create_study(
+            storage=create_storage(url),
+            study_name=study_name,
+            direction="maximize",
+            load_if_exists=True,
+        )
+
+    return retry_transient(create, "create study", url)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Return whether `error`, or an error it was raised from, is worth retrying.
+
+    Transient errors are deadlocks, lock wait timeouts, lost or refused connections
+    (MySQL, PostgreSQL), "database is locked" (SQLite), and any connection
+    SQLAlchemy invalidated. Optuna wraps SQLAlchemy errors in
+    `StorageInternalError`, so the whole chain is checked.
+    """
+    from sqlalchemy.exc import DBAPIError
+
+    for link in _error_chain(error):
+        if not isinstance(link, DBAPIError):
+            continue
+        if link.connection_invalidated:
+            return True
+        orig = link.orig
+        args = getattr(orig, "args", ())
+        if args and args[0] in TRANSIENT_MYSQL_ERRORS:
+            return True
+        state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+        if state and (state in TRANSIENT_POSTGRES_STATES or state.startswith("08")):
+            return True
+        if "database is locked" in str(orig):
+            return True
+    return False
+
+
+def retry_transient(function: Callable, what: str, url: str, worker: int = -1):
+    """Call `function`, retrying transient database errors with backoff.
+
+    Raises:
+        StorageError: the error mentions the storage password.
+        Exception: any other error, or a transient one after STORAGE_ATTEMPTS.
+    """
+    password = _password_of(url)
+    with hide_password_in_errors(url):
+        for attempt in range(STORAGE_ATTEMPTS):
+            try:
+                return function()
+            except Exception as error:
+                if not is_transient(error) or attempt == STORAGE_ATTEMPTS - 1:
+                    raise
+                delay = 2**attempt + random.random()
+                log.warning(
+                    "worker %d: %s failed with a transient storage error, "
+                    "retry %d of %d in %.1f s: %s",
+                    worker,
+                    what,
+                    attempt + 1,
+                    STORAGE_ATTEMPTS - 1,
+                    delay,
+                    _safe_message(error, password),
+                )
+                time.sleep(delay)
+
+
+# --- Workers -----------------------------------------------------------------
 
 
 def trials_per_worker(trials: int, workers: int) -> list[int]:
@@ -225,6 +491,16 @@ def startup_trials(total_trials: int) -> int:
     return max(2, min(10, total_trials // 4))
 
 
+def sampler_seed(seed: int, worker: int, finished: int) -> int:
+    """Return the TPE seed of one worker.
+
+    Each worker gets its own seed, so the parallel workers' random start-up
+    trials differ. A worker that resumes with some trials finished gets
+    another seed, so it does not repeat the configurations it already ran.
+    """
+    return random.Random(f"{seed}/{worker}/{finished}").randrange(2**31)
+
+
 @dataclass
 class WorkerConfig:
     """Everything one tuning worker needs, apart from the data."""
@@ -239,11 +515,14 @@ class WorkerConfig:
     run_key: str
 
 
+Objective = Callable[[optuna.Trial], float]
+
+
 def create_pruning_callback(trial: optuna.Trial, monitor: str = OBJECTIVE_METRIC):
     """Return a Keras callback that reports `monitor` to Optuna each epoch.
 
-    When the pruner says so, the callback stops training and records the
-    epoch in its `pruned_epoch` attribute; the objective then raises
+    When the pruner decides to prune, the callback stops training and records the
+    epoch in its `pruned_epoch` attribute, so the objective can raise
     `optuna.TrialPruned`.
     """
     import keras
@@ -265,6 +544,32 @@ def create_pruning_callback(trial: optuna.Trial, monitor: str = OBJECTIVE_METRIC
     return OptunaPruning()
 
 
+def training_objective(config: WorkerConfig, train, validation) -> Objective:
+    """Return the objective that trains one TabTransformer per trial and
+    returns its best validation PR AUC."""
+
+    def objective(trial: optuna.Trial) -> float:
+        from tabmodel.training import train_model
+
+        params = suggest_params(trial, config.max_epochs)
+        pruning = create_pruning_callback(trial)
+        result = train_model(
+            params,
+            train,
+            validation,
+            seed=config.seed + trial.number,
+            callbacks=[pruning],
+        )
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        trial.set_user_attr("epochs_run", result.epochs_run)
+        trial.set_user_attr("val_roc_auc", max(result.history["val_roc_auc"]))
+        if pruning.pruned_epoch is not None:
+            raise optuna.TrialPruned(f"pruned after epoch {pruning.pruned_epoch + 1}")
+        return float(max(result.history[OBJECTIVE_METRIC]))
+
+    return objective
+
+
 def log_finished_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """Log one compact line per finished trial."""
     try:
@@ -272,149 +577,326 @@ def log_finished_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> 
     except ValueError:
         best = "none yet"
     value = "-" if trial.value is None else f"{trial.value:.4f}"
+    seconds = trial.duration.total_seconds() if trial.duration else 0.0
+    retried = trial.system_attrs.get("failed_trial")
     log.info(
-        "trial %d worker %s: %s %s, best %s",
+        "trial %d worker %s: %s %s in %.0f s%s, best %s",
         trial.number,
         trial.user_attrs.get("worker", "?"),
         trial.state.name.lower(),
         value,
+        seconds,
+        "" if retried is None else f" (retry of trial {retried})",
         best,
     )
 
 
-def run_worker(config: WorkerConfig, train, validation) -> dict:
-    """Run this worker's share of trials on the shared study.
+def run_worker(config: WorkerConfig, objective: Objective) -> dict:
+    """Run this worker's share of trials on the shared study, then wait for the
+    other workers and make up the trials of those that died.
 
-    A trial already finished by this worker in this run (a resumed task) is not
-    run again. Transient database errors are retried with backoff.
+    Trials this worker already finished in this run (a resumed task) are not
+    run again. A configuration whose training raises fails its trial, and the
+    worker goes on. Transient database errors are retried with backoff.
 
     Returns:
-        Counts of this worker's trials by state.
+        Counts of this worker's trials in this run by state (complete,
+        pruned, fail).
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = config.storage_url
-    done = _finished_by_worker(url, config)
-    remaining = config.n_trials - done
-    if done:
-        log.info(
-            "worker %d: %d trials already finished, %d left",
+    storage = retry_transient(
+        lambda: create_storage(url, create_tables=False), "open storage", url
+    )
+    with hide_password_in_errors(url):
+        done = _attempted_by_worker(storage, config)
+        if done:
+            log.info(
+                "worker %d: %d trials already finished, %d left",
+                config.worker,
+                done,
+                max(0, config.n_trials - done),
+            )
+        for attempt in range(STORAGE_ATTEMPTS):
+            remaining = config.n_trials - done
+            if remaining <= 0:
+                break
+            try:
+                study = _load_study(storage, config, done)
+                study.optimize(
+                    _tagged(objective, config),
+                    n_trials=remaining,
+                    catch=(TrialError,),
+                    callbacks=[log_finished_trial],
+                    gc_after_trial=True,
+                )
+                break
+            except Exception as error:
+                if not is_transient(error) or attempt == STORAGE_ATTEMPTS - 1:
+                    raise
+                delay = 2**attempt + random.random()
+                log.warning(
+                    "worker %d: transient storage error, retry %d of %d in %.1f s: %s",
+                    config.worker,
+                    attempt + 1,
+                    STORAGE_ATTEMPTS - 1,
+                    delay,
+                    _safe_message(error, _password_of(url)),
+                )
+                time.sleep(delay)
+                done = retry_transient(
+                    lambda: _attempted_by_worker(storage, config),
+                    "count trials",
+                    url,
+                    config.worker,
+                )
+        retry_transient(
+            lambda: _rerun_stale_trials(storage, config, objective),
+            "re-run stale trials",
+            url,
             config.worker,
-            done,
-            remaining,
         )
-    for attempt in range(5):
-        if remaining <= 0:
-            break
+        return retry_transient(
+            lambda: worker_counts(storage, config), "count trials", url, config.worker
+        )
+
+
+def _load_study(storage, config: WorkerConfig, finished: int) -> optuna.Study:
+    with _quiet_experimental_warnings():
+        sampler = optuna.samplers.TPESampler(
+            seed=sampler_seed(config.seed, config.worker, finished),
+            n_startup_trials=startup_trials(config.total_trials),
+            multivariate=True,
+            group=True,
+            # Running trials of other workers count as their worst value, so
+            # parallel workers spread out instead of sampling the same region.
+            constant_liar=True,
+        )
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
+    return optuna.load_study(
+        study_name=config.study_name, storage=storage, sampler=sampler, pruner=pruner
+    )
+
+
+def _tagged(objective: Objective, config: WorkerConfig) -> Objective:
+    """Wrap `objective`: tag each trial with worker and run, and turn training
+    errors into `TrialError` so that only the trial fails."""
+
+    def run_trial(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", config.worker)
+        trial.set_user_attr("run_key", config.run_key)
+        _exit_for_test(config.worker)
         try:
-            study = _load_study(config)
+            return objective(trial)
+        except optuna.TrialPruned:
+            raise
+        except Exception as error:
+            if is_transient(error):
+                raise
+            message = _safe_message(error, _password_of(config.storage_url))
+            log.exception(
+                "trial %d worker %d: training failed", trial.number, config.worker
+            )
+            trial.set_user_attr("error", message[:500])
+            raise TrialError(message) from None
+
+    return run_trial
+
+
+def _exit_for_test(worker: int) -> None:
+    started = next(_trials_started)
+    target = os.environ.get(TEST_EXIT_WORKER_ENV)
+    marker = os.environ.get(TEST_EXIT_MARKER_ENV)
+    if target is None or marker is None or int(target) != worker:
+        return
+    if started != int(os.environ.get(TEST_EXIT_AFTER_ENV) or 0):
+        return
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    # Wait past the first heartbeat: a trial without one is never stale.
+    interval, _ = heartbeat_settings()
+    time.sleep(interval + 1)
+    log.warning("worker %d: exiting mid-trial for a test (%s)", worker, marker)
+    logging.shutdown()
+    os._exit(17)
+
+
+class RequeueStaleTrials(RetryHeartbeatStaleTrialCallback):
+    """Re-queue a stale trial, as the parent class does, and count the
+    re-queued trials of this process in `requeued`.
+
+    Optuna calls the callback only in the process that marked the trial
+    failed, so each stale trial is counted by one worker.
+    """
+
+    def __init__(self, max_retry: int | None = None):
+        super().__init__(max_retry=max_retry)
+        self.requeued: list[int] = []
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        super().__call__(study, trial)
+        after = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        if after > before:
+            self.requeued.append(trial.number)
+        log.warning(
+            "trial %d of worker %s had no heartbeat for the grace period: "
+            "marked failed, %s",
+            trial.number,
+            trial.user_attrs.get("worker", "?"),
+            "re-queued" if after > before else "retries exhausted",
+        )
+
+
+def _rerun_stale_trials(storage, config: WorkerConfig, objective: Objective) -> None:
+    """Wait for other workers' running trials of this run, and run one more
+    trial for each stale trial this worker re-queued.
+
+    A trial whose heartbeat is older than the grace period belongs to a worker
+    that died. The worker that marks it failed re-queues a copy and runs one
+    trial more than its share: the copy, or a new trial when another worker
+    took the copy. So the dead worker's trial is made up once. Journal storage
+    has no heartbeats, so there the worker returns at once.
+    """
+    if not isinstance(storage, RDBStorage):
+        return
+    callback = storage.get_heartbeat_stale_trial_callback()
+    if not isinstance(callback, RequeueStaleTrials):
+        return
+    deadline = time.monotonic() + MAX_WAIT_FOR_OTHERS
+    study = _load_study(storage, config, config.n_trials)
+    made_up = 0
+    while True:
+        with _quiet_experimental_warnings():
+            optuna.storages.fail_stale_trials(study)
+        owed = len(callback.requeued) - made_up
+        if owed > 0:
+            log.info("worker %d: running %d re-queued trials", config.worker, owed)
+            made_up += owed
             study.optimize(
-                lambda trial: _objective(trial, config, train, validation),
-                n_trials=remaining,
+                _tagged(objective, config),
+                n_trials=owed,
+                catch=(TrialError,),
                 callbacks=[log_finished_trial],
                 gc_after_trial=True,
             )
-            break
-        except Exception as error:
-            if not _is_transient(error) or attempt == 4:
-                raise
-            delay = 2**attempt + random.random()
+            continue
+        running = [
+            trial.number
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if trial.user_attrs.get("run_key") == config.run_key
+        ]
+        if not running:
+            return
+        if time.monotonic() > deadline:
+            # NOTE: a trial whose worker died before its first heartbeat is
+            # never marked stale, so the wait needs this limit.
             log.warning(
-                "worker %d: transient storage error (%s), retrying in %.1f s",
+                "worker %d: stopped waiting after %d s for running trials %s",
                 config.worker,
-                type(error).__name__,
-                delay,
+                MAX_WAIT_FOR_OTHERS,
+                running,
             )
-            time.sleep(delay)
-            remaining = config.n_trials - _finished_by_worker(url, config)
-    return worker_counts(create_storage(url), config)
+            return
+        time.sleep(WAIT_POLL_SECONDS)
 
 
-def _load_study(config: WorkerConfig) -> optuna.Study:
-    sampler = optuna.samplers.TPESampler(
-        seed=config.seed + config.worker,
-        n_startup_trials=startup_trials(config.total_trials),
-        multivariate=True,
-        group=True,
-    )
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
-    return optuna.load_study(
-        study_name=config.study_name,
-        storage=create_storage(config.storage_url),
-        sampler=sampler,
-        pruner=pruner,
-    )
+def _attempted_by_worker(storage, config: WorkerConfig) -> int:
+    """Count this worker's trials in this run that used up budget: finished
+    ones, and failed ones whose training raised. Trials failed by a lost
+    connection or a dead worker do not count, so they are made up."""
+    study = optuna.load_study(study_name=config.study_name, storage=storage)
+    count = 0
+    for trial in _run_trials(study, config.run_key):
+        if trial.user_attrs.get("worker") != config.worker:
+            continue
+        if trial.state in FINISHED_STATES or (
+            trial.state == TrialState.FAIL and "error" in trial.user_attrs
+        ):
+            count += 1
+    return count
 
 
-def _objective(trial: optuna.Trial, config: WorkerConfig, train, validation) -> float:
-    from tabmodel.training import train_model
-
-    trial.set_user_attr("worker", config.worker)
-    trial.set_user_attr("run_key", config.run_key)
-    params = suggest_params(trial, config.max_epochs)
-    pruning = create_pruning_callback(trial)
-    result = train_model(
-        params,
-        train,
-        validation,
-        seed=config.seed + trial.number,
-        callbacks=[pruning],
-    )
-    trial.set_user_attr("best_epoch", result.best_epoch)
-    trial.set_user_attr("epochs_run", result.epochs_run)
-    trial.set_user_attr("val_roc_auc", max(result.history["val_roc_auc"]))
-    if pruning.pruned_epoch is not None:
-        raise optuna.TrialPruned(f"pruned after epoch {pruning.pruned_epoch + 1}")
-    return float(max(result.history[OBJECTIVE_METRIC]))
-
-
-def _is_transient(error: Exception) -> bool:
-    from sqlalchemy.exc import DBAPIError
-
-    if isinstance(error, DBAPIError):
-        code = getattr(error.orig, "args", [None])[0]
-        return error.connection_invalidated or code in TRANSIENT_MYSQL_ERRORS
-    return False
-
-
-def _finished_by_worker(url: str, config: WorkerConfig) -> int:
-    counts = worker_counts(create_storage(url), config)
-    return counts["complete"] + counts["pruned"]
+def _run_trials(study: optuna.Study, run_key: str) -> list:
+    return [
+        trial
+        for trial in study.get_trials(deepcopy=False)
+        if trial.user_attrs.get("run_key") == run_key
+    ]
 
 
 def worker_counts(storage, config: WorkerConfig) -> dict:
     """Count this worker's trials in this run by state."""
     study = optuna.load_study(study_name=config.study_name, storage=storage)
-    counts = {"complete": 0, "pruned": 0, "fail": 0}
-    for trial in study.get_trials(deepcopy=False):
-        attrs = trial.user_attrs
-        if (
-            attrs.get("worker") != config.worker
-            or attrs.get("run_key") != config.run_key
-        ):
-            continue
+    counts = dict.fromkeys(COUNTED_STATES, 0)
+    for trial in _run_trials(study, config.run_key):
         state = trial.state.name.lower()
-        if state in counts:
+        if trial.user_attrs.get("worker") == config.worker and state in counts:
             counts[state] += 1
     return counts
+
+
+# --- Results -----------------------------------------------------------------
+
+
+def fail_orphaned_trials(url: str, study_name: str, run_key: str) -> list[int]:
+    """Mark this run's trials that are still running as failed.
+
+    Call this only after every worker of the run ended: a trial still running
+    then belongs to a worker that died, and nobody else will finish it.
+
+    Returns:
+        The numbers of the trials marked failed.
+    """
+
+    def fail() -> list[int]:
+        storage = create_storage(url, create_tables=False)
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        failed = []
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.user_attrs.get("run_key") != run_key:
+                continue
+            try:
+                storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+            failed.append(trial.number)
+        return failed
+
+    failed = retry_transient(fail, "fail orphaned trials", url)
+    if failed:
+        log.warning("marked trials %s failed: their worker ended", failed)
+    return failed
 
 
 def summarize_study(url: str, study_name: str, run_key: str) -> dict:
     """Summarise the study: best trial, and trial counts per worker and state.
 
-    Counts cover this run's trials (`run_key`); the best trial is the best of
+    Counts cover this run's trials (`run_key`). The best trial is the best of
     the whole study, which includes earlier runs' trials on a warm start.
 
     Raises:
         RuntimeError: no trial in the study completed.
     """
-    study = optuna.load_study(study_name=study_name, storage=create_storage(url))
+    study = retry_transient(
+        lambda: optuna.load_study(
+            study_name=study_name, storage=create_storage(url, create_tables=False)
+        ),
+        "load study",
+        url,
+    )
+    with hide_password_in_errors(url):
+        return _summarize(study, study_name, run_key)
+
+
+def _summarize(study: optuna.Study, study_name: str, run_key: str) -> dict:
     per_worker: dict[str, dict[str, int]] = {}
     history = []
-    for trial in study.get_trials(deepcopy=False):
-        if trial.user_attrs.get("run_key") != run_key:
-            continue
+    for trial in _run_trials(study, run_key):
         worker = str(trial.user_attrs.get("worker", "?"))
-        counts = per_worker.setdefault(worker, {"complete": 0, "pruned": 0, "fail": 0})
+        counts = per_worker.setdefault(worker, dict.fromkeys(COUNTED_STATES, 0))
         state = trial.state.name.lower()
         if state in counts:
             counts[state] += 1
@@ -424,11 +906,10 @@ def summarize_study(url: str, study_name: str, run_key: str) -> dict:
                 "worker": worker,
                 "state": state,
                 "value": trial.value,
+                "retry_of": trial.system_attrs.get("failed_trial"),
             }
         )
-    complete = [
-        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    ]
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise RuntimeError(
             f"No trial of study {study_name!r} completed, so there is no best "
@@ -445,7 +926,7 @@ def summarize_study(url: str, study_name: str, run_key: str) -> dict:
         "per_worker": per_worker,
         "history": history,
         "totals": {
-            state: sum(c[state] for c in per_worker.values())
-            for state in ("complete", "pruned", "fail")
+            state: sum(counts[state] for counts in per_worker.values())
+            for state in COUNTED_STATES
         },
     }
