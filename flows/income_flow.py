@@ -7,6 +7,7 @@ python flows/income_flow.py resume              # continue a failed run
 
 import logging
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -69,19 +70,18 @@ class IncomeFlow(FlowSpec):
     )
     trials = Parameter(
         "trials",
-        default=8,
+        default=10,
         type=int,
         help="Total tuning trials, split evenly across the workers.",
     )
     max_epochs = Parameter(
         "max-epochs",
-        default=12,
+        default=16,
         type=int,
         help="Maximum training epochs per trial; early stopping may end sooner.",
     )
-    # NOTE: Metaflow stores Parameter values before `start` runs, so a
-    # password passed in --storage is in the run's `_parameters` artifacts even
-    # though `start` rejects the run.
+    # Metaflow stores Parameter values before `start` runs, so the __main__
+    # block rejects a --storage value with a password before Metaflow starts.
     storage = Parameter(
         "storage",
         default="",
@@ -208,6 +208,7 @@ class IncomeFlow(FlowSpec):
         url = tuning.resolve_storage_url(self.storage_url, self.storage_secret or None)
         study = tuning.create_study(url, self.study_name_used)
         self.trials_before = len(study.get_trials(deepcopy=False))
+        tuning.enqueue_default_trial(study, self.max_epochs)
         self.trial_shares = tuning.trials_per_worker(self.trials, self.workers)
         log.info(
             "study %s on %s%s: %d trials across %d workers, %d earlier trials",
@@ -320,6 +321,7 @@ class IncomeFlow(FlowSpec):
         self.best_value = summary["best_value"]
         self.best_trial = summary["best_trial"]
         self.best_epoch = summary["best_epoch"]
+        self.best_threshold = summary["best_threshold"]
         self.trial_counts = summary["per_worker"]
         self.trial_totals = summary["totals"]
         self.trial_history = summary["history"]
@@ -361,6 +363,7 @@ class IncomeFlow(FlowSpec):
                 seed=self.seed,
                 destination=destination,
                 metadata={"run": self.run_key, "best_params": self.best_params},
+                threshold=self.best_threshold,
             )
         else:
             raise ValueError(
@@ -386,6 +389,7 @@ class IncomeFlow(FlowSpec):
         )
         self.metrics = result["metrics"]
         self.baseline_metrics = result["baseline_metrics"]
+        self.threshold = result["threshold"]
         current.card.extend(
             evaluation_card(
                 result["labels"],
@@ -393,6 +397,7 @@ class IncomeFlow(FlowSpec):
                 self.metrics,
                 self.baseline_metrics,
                 result["baseline_probabilities"],
+                threshold=self.threshold,
             )
         )
         log.info(
@@ -461,7 +466,7 @@ def _retrain_on_sagemaker(flow) -> dict:
         current.flow_name, current.run_id, current.retry_count
     )
     return sm.retrain_on_sagemaker(
-        flow.best_params,
+        {**flow.best_params, "threshold": flow.best_threshold},
         retrain_epochs(flow.best_epoch),
         flow.train,
         flow.validation,
@@ -478,4 +483,7 @@ def _rounded(metrics: dict) -> dict:
 
 
 if __name__ == "__main__":
+    from tabmodel.tuning import reject_password_in_arguments
+
+    reject_password_in_arguments(sys.argv[1:])
     IncomeFlow()

@@ -14,6 +14,7 @@ from tabmodel.packaging import (
     fetch_package,
     load_keras_model,
     make_tarball,
+    read_metadata,
     store_package,
 )
 
@@ -86,6 +87,7 @@ def retrain_and_package(
     seed: int,
     destination: str,
     metadata: dict,
+    threshold: float | None = None,
 ) -> tuple[str, int]:
     """Train on train + validation for the best trial's epochs, then store
     the package at `destination`.
@@ -101,6 +103,8 @@ def retrain_and_package(
 
     epochs = retrain_epochs(best_epoch)
     hyperparameters = {**best_params, "epochs": epochs, "seed": seed}
+    if threshold is not None:
+        hyperparameters["threshold"] = threshold
     with tempfile.TemporaryDirectory() as work:
         package = Path(work) / "package"
         train_package(
@@ -135,15 +139,18 @@ def evaluate_package(
     from tabmodel.training import compute_metrics, label_array, predict_probabilities
 
     with tempfile.TemporaryDirectory() as work:
-        model = load_keras_model(fetch_package(model_uri, work))
+        package = fetch_package(model_uri, work)
+        model = load_keras_model(package)
+        threshold = float(read_metadata(package).get("threshold", 0.5))
     labels = label_array(test)
     probabilities = predict_probabilities(model, test)
     baseline = train_gbdt(pl.concat([train, validation]), seed)
     baseline_probabilities = gbdt_probabilities(baseline, test)
     return {
-        "metrics": compute_metrics(labels, probabilities),
+        "metrics": compute_metrics(labels, probabilities, threshold),
         "baseline_metrics": compute_metrics(labels, baseline_probabilities),
         "labels": labels,
         "probabilities": probabilities,
         "baseline_probabilities": baseline_probabilities,
+        "threshold": threshold,
     }

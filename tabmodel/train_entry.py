@@ -281,6 +281,7 @@ def train(
     metadata = {
         **(metadata or {}),
         "best_params": params,
+        "threshold": float(params.get("threshold", 0.5)),
         "epochs": epochs,
         "initial_epoch": initial_epoch,
         "training_rows": fit_frame.height,

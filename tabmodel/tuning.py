@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -115,6 +116,11 @@ def suggest_params(trial: optuna.Trial, max_epochs: int) -> dict:
             f"mlp_multiple_{index}", [1, 2, 4]
         )
     params["mlp_dropout"] = trial.suggest_float("mlp_dropout", 0.0, 0.4)
+    params["numeric_embedding"] = trial.suggest_categorical(
+        "numeric_embedding", ["piecewise_linear", "linear"]
+    )
+    if params["numeric_embedding"] == "piecewise_linear":
+        params["numeric_bins"] = trial.suggest_categorical("numeric_bins", [8, 16, 32])
     params["loss"] = trial.suggest_categorical("loss", ["focal", "cross_entropy"])
     if params["loss"] == "focal":
         params["focal_gamma"] = trial.suggest_float("focal_gamma", 0.5, 4.0)
@@ -133,11 +139,45 @@ def suggest_params(trial: optuna.Trial, max_epochs: int) -> dict:
     return params
 
 
+def enqueue_default_trial(study: optuna.Study, max_epochs: int) -> bool:
+    """Queue the package's default configuration as the first trial of a new study.
+
+    The default (`tabmodel.training.DEFAULT_PARAMS`) measured well on the full
+    data, so the search never ends below it. A study that already has trials
+    (a warm start) is left alone.
+
+    Returns:
+        Whether a trial was queued.
+    """
+    from tabmodel.training import DEFAULT_PARAMS
+
+    if study.get_trials(deepcopy=False):
+        return False
+    searched = {k: v for k, v in DEFAULT_PARAMS.items() if k != "column_embedding"}
+    searched["epochs"] = min(int(searched["epochs"]), max_epochs)
+    study.enqueue_trial(searched)
+    return True
+
+
 # --- Storage URLs and credentials -------------------------------------------
 
 
 def default_storage_url(root: str | os.PathLike) -> str:
-    """Return a journal-file storage URL under `root`, safe for local processes."""
+    """Return a journal-file storage URL that local processes can share.
+
+    The file lives under the local datastore `root`. With an S3 datastore it
+    lives under `TABMODEL_HOME` (default `~/.tabmodel`) instead, which only
+    tasks on this machine reach: runs on AWS Batch need `--storage` or
+    `--storage-secret`.
+    """
+    if str(root).startswith("s3://"):
+        home = Path(os.environ.get("TABMODEL_HOME") or Path.home() / ".tabmodel")
+        log.warning(
+            "no --storage given with an S3 datastore: using a journal file under "
+            "%s, which only tasks on this machine can reach",
+            home,
+        )
+        root = home
     path = Path(root).resolve() / "optuna" / "journal.log"
     return f"{JOURNAL_SCHEME}{path}"
 
@@ -172,6 +212,27 @@ def check_storage_url(url: str) -> None:
             f"{PASSWORD_ENV}, or pass --storage-secret with a Secrets Manager "
             "secret id."
         )
+
+
+def reject_password_in_arguments(arguments: list[str]) -> None:
+    """Exit with status 2 when a `--storage` command-line value has a password.
+
+    Call it before Metaflow parses the arguments, because Metaflow stores
+    Parameter values as artifacts as soon as a run starts.
+    """
+    for index, argument in enumerate(arguments):
+        value = None
+        if argument.startswith("--storage="):
+            value = argument.split("=", 1)[1]
+        elif argument == "--storage" and index + 1 < len(arguments):
+            value = arguments[index + 1]
+        if value is None:
+            continue
+        try:
+            check_storage_url(value)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 def redact(url: str) -> str:
@@ -549,7 +610,12 @@ def training_objective(config: WorkerConfig, train, validation) -> Objective:
     returns its best validation PR AUC."""
 
     def objective(trial: optuna.Trial) -> float:
-        from tabmodel.training import train_model
+        from tabmodel.training import (
+            accuracy_threshold,
+            label_array,
+            predict_probabilities,
+            train_model,
+        )
 
         params = suggest_params(trial, config.max_epochs)
         pruning = create_pruning_callback(trial)
@@ -565,6 +631,10 @@ def training_objective(config: WorkerConfig, train, validation) -> Objective:
         trial.set_user_attr("val_roc_auc", max(result.history["val_roc_auc"]))
         if pruning.pruned_epoch is not None:
             raise optuna.TrialPruned(f"pruned after epoch {pruning.pruned_epoch + 1}")
+        probabilities = predict_probabilities(result.model, validation)
+        trial.set_user_attr(
+            "threshold", accuracy_threshold(label_array(validation), probabilities)
+        )
         return float(max(result.history[OBJECTIVE_METRIC]))
 
     return objective
@@ -923,6 +993,7 @@ def _summarize(study: optuna.Study, study_name: str, run_key: str) -> dict:
         "best_epoch": int(
             best.user_attrs.get("best_epoch", best.params.get("epochs", 1))
         ),
+        "best_threshold": float(best.user_attrs.get("threshold", 0.5)),
         "per_worker": per_worker,
         "history": history,
         "totals": {

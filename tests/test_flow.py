@@ -97,3 +97,27 @@ def test_server_serves_deployed_version(deployed_server, small_run):
     )
     assert status == 200
     assert headers["x-model-version"] == small_run.id
+
+
+def test_storage_password_rejected_before_run(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import FLOW_FILE
+
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(FLOW_FILE),
+            "run",
+            "--storage",
+            "mysql+pymysql://root:hunter2@127.0.0.1/optuna",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert completed.returncode == 2
+    assert "TABMODEL_STORAGE_PASSWORD" in completed.stderr
+    assert "hunter2" not in completed.stderr + completed.stdout
+    assert not (tmp_path / ".metaflow").exists()
