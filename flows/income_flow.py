@@ -273,11 +273,13 @@ class IncomeFlow(FlowSpec):
     @catch(var="tune_error", print_exception=True)
     @timeout(hours=4)
     @resources(cpu=2, memory=8000)
+    @card(type="blank", id="progress", refresh_interval=10)
     @step
     def tune(self):
         """Run this worker's share of trials against the shared study."""
         from tabmodel import tuning
         from tabmodel.pipeline import limit_threads
+        from tabmodel.reports import TuningProgress
 
         limit_threads(self.workers)
         # The URL may contain the password, so it stays a local variable and
@@ -295,14 +297,17 @@ class IncomeFlow(FlowSpec):
             run_key=self.run_key,
         )
         objective = tuning.training_objective(config, self.train, self.validation)
-        self.worker_counts = tuning.run_worker(config, objective)
+        progress = TuningProgress(current.card["progress"], self.input, config.n_trials)
+        self.worker_counts = tuning.run_worker(config, objective, on_trial=progress)
         log.info("worker %d finished: %s", self.input, self.worker_counts)
         self.next(self.join_tuning)
 
+    @card(id="tuning")
     @step
     def join_tuning(self, inputs):
         """Pick the best trial of the study and record each worker's outcome."""
         from tabmodel import tuning
+        from tabmodel.reports import tuning_card
 
         # A worker that raised, or whose process died, has `tune_error` set by
         # @catch and no `worker_counts`; its finished trials are in the study.
@@ -325,6 +330,8 @@ class IncomeFlow(FlowSpec):
         self.trial_counts = summary["per_worker"]
         self.trial_totals = summary["totals"]
         self.trial_history = summary["history"]
+        study = tuning.load_study(url, self.study_name_used)
+        current.card.extend(tuning_card(summary, study))
         for worker, error in sorted(self.worker_errors.items()):
             log.warning("worker %s failed: %s", worker, error)
         log.info(

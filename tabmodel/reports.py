@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
-from metaflow.cards import Image, Markdown, Table  # noqa: E402
+from metaflow.cards import Image, Markdown, ProgressBar, Table  # noqa: E402
 
 from tabmodel import schema  # noqa: E402
 
@@ -245,3 +245,30 @@ def deployment_card(deployment: dict, model_uri: str, sample: dict | None) -> li
             Markdown(f"```\n{json.dumps(sample['response'], indent=2)}\n```")
         )
     return components
+
+
+class TuningProgress:
+    """A live card section for one tuning worker: a progress bar and one line
+    per finished trial, refreshed as each trial ends."""
+
+    def __init__(self, card, worker: int, n_trials: int):
+        self.card = card
+        self.finished = 0
+        self.lines: list[str] = []
+        self.bar = ProgressBar(max=n_trials, label=f"worker {worker}: trials")
+        self.trials = Markdown("No trial finished yet.")
+        card.append(Markdown(f"# Tuning worker {worker}"))
+        card.append(self.bar)
+        card.append(self.trials)
+        card.refresh()
+
+    def __call__(self, study, trial) -> None:
+        self.finished += 1
+        value = "-" if trial.value is None else f"{trial.value:.4f}"
+        self.lines.append(
+            f"- trial {trial.number}: {trial.state.name.lower()}, "
+            f"validation PR AUC {value}"
+        )
+        self.bar.update(self.finished)
+        self.trials.update("\n".join(self.lines))
+        self.card.refresh()

@@ -661,13 +661,17 @@ def log_finished_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> 
     )
 
 
-def run_worker(config: WorkerConfig, objective: Objective) -> dict:
+def run_worker(
+    config: WorkerConfig, objective: Objective, on_trial: Callable | None = None
+) -> dict:
     """Run this worker's share of trials on the shared study, then wait for the
     other workers and make up the trials of those that died.
 
-    Trials this worker already finished in this run (a resumed task) are not
-    run again. A configuration whose training raises fails its trial, and the
-    worker goes on. Transient database errors are retried with backoff.
+    `on_trial(study, trial)` is called after each of this worker's trials, as
+    Optuna calls its callbacks. Trials this worker already finished in this
+    run (a resumed task) are not run again. A configuration whose training
+    raises fails its trial, and the worker goes on. Transient database
+    errors are retried with backoff.
 
     Returns:
         Counts of this worker's trials in this run by state (complete,
@@ -697,7 +701,7 @@ def run_worker(config: WorkerConfig, objective: Objective) -> dict:
                     _tagged(objective, config),
                     n_trials=remaining,
                     catch=(TrialError,),
-                    callbacks=[log_finished_trial],
+                    callbacks=[log_finished_trial, *([on_trial] if on_trial else [])],
                     gc_after_trial=True,
                 )
                 break
@@ -939,6 +943,14 @@ def fail_orphaned_trials(url: str, study_name: str, run_key: str) -> list[int]:
     if failed:
         log.warning("marked trials %s failed: their worker ended", failed)
     return failed
+
+
+def load_study(url: str, study_name: str) -> optuna.Study:
+    """Load an existing study without creating tables."""
+    with hide_password_in_errors(url):
+        return optuna.load_study(
+            study_name=study_name, storage=create_storage(url, create_tables=False)
+        )
 
 
 def summarize_study(url: str, study_name: str, run_key: str) -> dict:
