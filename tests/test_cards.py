@@ -19,6 +19,11 @@ def _card_html(run, step: str) -> str:
     [
         ("split", ["Rows and class balance", "Missing values per column"], 6),
         (
+            "join_tuning",
+            ["Trials per worker", "Optimisation history", "Best parameters"],
+            1,
+        ),
+        (
             "evaluate",
             [
                 "ROC curve",
@@ -29,6 +34,7 @@ def _card_html(run, step: str) -> str:
             ],
             4,
         ),
+        ("deploy", ["Sample request", "model_uri", "probability"], 0),
     ],
 )
 def test_card_has_sections_and_images(small_run, step, texts, images):
@@ -41,3 +47,10 @@ def test_card_has_sections_and_images(small_run, step, texts, images):
 def test_cards_fetch_nothing_at_render(small_run):
     html = _card_html(small_run, "evaluate")
     assert '<script src="http' not in html
+
+
+def test_tune_cards_show_progress(small_run):
+    for task in small_run["tune"]:
+        html = get_cards(task)[0].get()
+        assert "Tuning worker" in html
+        assert "trial" in html
