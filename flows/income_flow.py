@@ -70,13 +70,13 @@ class IncomeFlow(FlowSpec):
     )
     trials = Parameter(
         "trials",
-        default=10,
+        default=16,
         type=int,
         help="Total tuning trials, split evenly across the workers.",
     )
     max_epochs = Parameter(
         "max-epochs",
-        default=16,
+        default=20,
         type=int,
         help="Maximum training epochs per trial; early stopping may end sooner.",
     )

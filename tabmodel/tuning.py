@@ -746,7 +746,10 @@ def _load_study(storage, config: WorkerConfig, finished: int) -> optuna.Study:
             # parallel workers spread out instead of sampling the same region.
             constant_liar=True,
         )
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
+    # Early epochs rank configurations poorly (a low learning rate starts slow),
+    # so the pruner compares trials only from the fifth epoch on, and only once
+    # three trials have finished.
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=4)
     return optuna.load_study(
         study_name=config.study_name, storage=storage, sampler=sampler, pruner=pruner
     )
