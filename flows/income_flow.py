@@ -18,6 +18,7 @@ from metaflow import (  # noqa: E402
     catch,
     current,
     resources,
+    retry,
     step,
     timeout,
 )
@@ -343,6 +344,10 @@ class IncomeFlow(FlowSpec):
         )
         self.next(self.retrain)
 
+    # Its inputs were validated in `start`, so a failure here is the machine's
+    # (a spot interruption, an out-of-memory kill, a SageMaker API error) and
+    # worth one more try.
+    @retry(times=1, minutes_between_retries=1)
     @timeout(hours=2)
     @resources(gpu=1, cpu=4, memory=16000)
     @step
