@@ -3,7 +3,10 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-export USERNAME ?= $(shell id -un)
+# Metaflow names runs after the user and ignores the name root, so root gets
+# a stand-in name.
+METAFLOW_USER ?= $(if $(filter root,$(shell id -un)),tabmodel,$(shell id -un))
+export METAFLOW_USER
 
 .PHONY: run test lint
 

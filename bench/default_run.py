@@ -27,7 +27,7 @@ def main() -> None:
         **os.environ,
         "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(root),
         "TABMODEL_HOME": str(root / "home"),
-        "USERNAME": os.environ.get("USERNAME", "bench"),
+        "METAFLOW_USER": os.environ.get("METAFLOW_USER", "bench"),
     }
     command = [
         sys.executable,

@@ -23,7 +23,8 @@ FLOW_FILE = REPO / "flows" / "income_flow.py"
 _SESSION_ROOT = Path(tempfile.mkdtemp(prefix="tabmodel-tests-"))
 os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = str(_SESSION_ROOT)
 os.environ["TABMODEL_HOME"] = str(_SESSION_ROOT / "home")
-os.environ.setdefault("USERNAME", "tester")
+# Metaflow ignores the user name root, as CI and containers often have.
+os.environ.setdefault("METAFLOW_USER", "tester")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
