@@ -208,13 +208,13 @@ def evaluation_card(
 
     predicted = (probabilities >= threshold).astype(int)
     matrix = sk_metrics.confusion_matrix(labels, predicted, labels=[0, 1])
-    figure, axes = _figure(3.6, 3.2)
+    figure, axes = _figure(4.4, 3.4)
     axes.imshow(matrix, cmap="Blues")
     for (row, column), count in np.ndenumerate(matrix):
         axes.text(column, row, str(count), ha="center", va="center")
     axes.set_xticks([0, 1], [f"pred {c}" for c in schema.CLASSES])
     axes.set_yticks([0, 1], [f"true {c}" for c in schema.CLASSES])
-    axes.set_title(f"Confusion matrix at threshold {threshold}")
+    axes.set_title(f"Threshold {threshold:g}", fontsize=10)
     components.append(Markdown("## Confusion matrix"))
     components.append(_image(figure))
 
