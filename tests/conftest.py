@@ -51,7 +51,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def session_root() -> Path:
-    """The directory that holds this session's datastore and endpoints."""
+    """The directory that contains this session's datastore and endpoints."""
     return _SESSION_ROOT
 
 
