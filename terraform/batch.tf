@@ -93,6 +93,16 @@ resource "aws_batch_compute_environment" "main" {
   depends_on = [aws_iam_role_policy_attachment.batch_service]
 }
 
+# The CPU queue, the default in metaflow_config, also lists the GPU compute
+# environment second, so a step with @resources(gpu=1) run with a plain
+# `--with batch` finds a GPU instance instead of waiting in RUNNABLE.
+locals {
+  queue_environments = {
+    cpu = ["cpu", "gpu"]
+    gpu = ["gpu"]
+  }
+}
+
 resource "aws_batch_job_queue" "main" {
   for_each = local.batch_environments
 
@@ -100,8 +110,11 @@ resource "aws_batch_job_queue" "main" {
   state    = "ENABLED"
   priority = 1
 
-  compute_environment_order {
-    order               = 1
-    compute_environment = aws_batch_compute_environment.main[each.key].arn
+  dynamic "compute_environment_order" {
+    for_each = local.queue_environments[each.key]
+    content {
+      order               = compute_environment_order.key + 1
+      compute_environment = aws_batch_compute_environment.main[compute_environment_order.value].arn
+    }
   }
 }

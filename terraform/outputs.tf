@@ -30,9 +30,8 @@ output "aurora_database_name" {
   value       = aws_rds_cluster.optuna.database_name
 }
 
-# NOTE: the RDS-managed secret holds only username and password, while
-# tabmodel.tuning.url_from_secret also expects host in the secret. This URL
-# (no password) carries the host and database for the flow's --storage option.
+# The RDS-managed secret holds only username and password, so this URL (no
+# password) carries the host and database for the flow's --storage option.
 output "optuna_storage_url" {
   description = "Optuna storage URL of the Aurora database without a password, for the flow's --storage option."
   value       = "mysql+pymysql://${var.aurora_master_username}@${aws_rds_cluster.optuna.endpoint}:3306/${var.aurora_database_name}"
@@ -109,8 +108,9 @@ output "metaflow_config" {
 }
 
 output "flow_options" {
-  description = "Command-line options that connect flows/income_flow.py to this stack's Aurora secret, SageMaker role and images."
+  description = "Command-line options that connect flows/income_flow.py to this stack's Aurora database and secret, SageMaker role and images. The secret RDS manages holds only the user name and password, so --storage names the host and database."
   value = join(" ", [
+    "--storage", "mysql+pymysql://${aws_rds_cluster.optuna.endpoint}:3306/${var.aurora_database_name}",
     "--storage-secret", local.aurora_secret_arn,
     "--sagemaker-role", aws_iam_role.sagemaker.arn,
     "--training-image", local.training_image,
