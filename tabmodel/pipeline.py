@@ -64,9 +64,16 @@ def limit_threads(workers: int) -> None:
 
 
 def package_destination(datastore_root: str, current) -> str:
-    """Return the run-versioned location of this run's model package."""
+    """Return the run-versioned location of this run's model package.
+
+    A retried task writes under `retry-<n>/`, because packages are never
+    overwritten and the failed attempt may have stored one already.
+    """
     root = datastore_root.rstrip("/")
-    return f"{root}/models/{current.flow_name}/{current.run_id}/{TARBALL}"
+    run_dir = f"{root}/models/{current.flow_name}/{current.run_id}"
+    if current.retry_count:
+        run_dir = f"{run_dir}/retry-{current.retry_count}"
+    return f"{run_dir}/{TARBALL}"
 
 
 def retrain_epochs(best_epoch: int) -> int:

@@ -1,4 +1,4 @@
-"""Decision threshold and metrics computed by hand."""
+"""Training helpers computed by hand: decision threshold, metrics, package paths."""
 
 from __future__ import annotations
 
@@ -41,3 +41,18 @@ def test_metrics_use_threshold():
     metrics = compute_metrics(labels, probabilities, threshold=0.7)
     assert metrics["accuracy"] == pytest.approx(0.75)
     assert not math.isnan(metrics["pr_auc"])
+
+
+def test_package_destination_per_retry():
+    from types import SimpleNamespace
+
+    from tabmodel.pipeline import package_destination
+
+    first = SimpleNamespace(flow_name="IncomeFlow", run_id="17", retry_count=0)
+    retry = SimpleNamespace(flow_name="IncomeFlow", run_id="17", retry_count=1)
+    assert package_destination("s3://b/p/", first) == (
+        "s3://b/p/models/IncomeFlow/17/model.tar.gz"
+    )
+    assert package_destination("s3://b/p", retry) == (
+        "s3://b/p/models/IncomeFlow/17/retry-1/model.tar.gz"
+    )
