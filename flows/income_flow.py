@@ -296,6 +296,7 @@ class IncomeFlow(FlowSpec):
             max_epochs=self.max_epochs,
             seed=self.seed,
             run_key=self.run_key,
+            workers=self.workers,
         )
         objective = tuning.training_objective(config, self.train, self.validation)
         progress = TuningProgress(current.card["progress"], self.input, config.n_trials)

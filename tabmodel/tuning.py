@@ -12,6 +12,7 @@ URL only in memory, and are removed from the messages of errors raised here.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib.util
 import itertools
@@ -574,6 +575,10 @@ class WorkerConfig:
     max_epochs: int
     seed: int
     run_key: str
+    # Number of workers in the run. With it, a worker that finished its share
+    # also waits for workers that have not started all of theirs; 0 waits only
+    # for running trials.
+    workers: int = 0
 
 
 Objective = Callable[[optuna.Trial], float]
@@ -828,14 +833,18 @@ class RequeueStaleTrials(RetryHeartbeatStaleTrialCallback):
 
 
 def _rerun_stale_trials(storage, config: WorkerConfig, objective: Objective) -> None:
-    """Wait for other workers' running trials of this run, and run one more
-    trial for each stale trial this worker re-queued.
+    """Wait for other workers' running trials and for workers that still have
+    trials to start, and run one more trial for each stale trial this worker
+    re-queued.
 
     A trial whose heartbeat is older than the grace period belongs to a worker
     that died. The worker that marks it failed re-queues a copy and runs one
     trial more than its share: the copy, or a new trial when another worker
-    took the copy. So the dead worker's trial is made up once. Journal storage
-    has no heartbeats, so there the worker returns at once.
+    took the copy. So the dead worker's trial is made up once. With
+    `config.workers` set, the wait also spans the moment between two trials of
+    another worker, so a worker that dies in its last trial is covered too,
+    unless every worker with trials left runs nothing for the grace period.
+    Journal storage has no heartbeats, so there the worker returns at once.
     """
     if not isinstance(storage, RDBStorage):
         return
@@ -843,6 +852,8 @@ def _rerun_stale_trials(storage, config: WorkerConfig, objective: Objective) -> 
     if not isinstance(callback, RequeueStaleTrials):
         return
     deadline = time.monotonic() + MAX_WAIT_FOR_OTHERS
+    _, grace_period = heartbeat_settings()
+    idle_deadline = time.monotonic() + grace_period
     study = _load_study(storage, config, config.n_trials)
     made_up = 0
     while True:
@@ -860,12 +871,22 @@ def _rerun_stale_trials(storage, config: WorkerConfig, objective: Objective) -> 
                 gc_after_trial=True,
             )
             continue
-        running = [
-            trial.number
-            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if trial.user_attrs.get("run_key") == config.run_key
-        ]
-        if not running:
+        run_trials = _run_trials(study, config.run_key)
+        running = [t.number for t in run_trials if t.state == TrialState.RUNNING]
+        pending = _workers_with_unstarted_trials(run_trials, config)
+        if not running and not pending:
+            return
+        if running:
+            idle_deadline = time.monotonic() + grace_period
+        elif time.monotonic() > idle_deadline:
+            # Workers with trials left ran nothing for the grace period, so
+            # they died between trials and nobody will run their trials.
+            log.warning(
+                "worker %d: workers %s ran no trial for %d s; stopped waiting",
+                config.worker,
+                pending,
+                grace_period,
+            )
             return
         if time.monotonic() > deadline:
             # NOTE: a trial whose worker died before its first heartbeat is
@@ -878,6 +899,15 @@ def _rerun_stale_trials(storage, config: WorkerConfig, objective: Objective) -> 
             )
             return
         time.sleep(WAIT_POLL_SECONDS)
+
+
+def _workers_with_unstarted_trials(run_trials: list, config: WorkerConfig) -> list:
+    """Return the workers that have started fewer trials than their share."""
+    if not config.workers:
+        return []
+    started = collections.Counter(t.user_attrs.get("worker") for t in run_trials)
+    shares = trials_per_worker(config.total_trials, config.workers)
+    return [w for w, share in enumerate(shares) if started[w] < share]
 
 
 def _attempted_by_worker(storage, config: WorkerConfig) -> int:
