@@ -2,7 +2,7 @@
 
 `/ping` returns 200 only after the model loaded and a warm-up prediction
 succeeded, and 503 before that. `/invocations` scores CSV, JSON or JSON Lines
-rows in one model call and answers JSON or CSV, following `Accept`.
+rows in one model call and returns JSON or CSV, following `Accept`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from serving.predictor import Predictor
 log = logging.getLogger("serving")
 
 # Batches above this many rows are scored in a worker thread so the event loop
-# keeps answering /ping.
+# keeps serving /ping.
 THREAD_BATCH_ROWS = 256
 
 # Bytes of an oversized body read and discarded before the 413 is sent.
@@ -46,7 +46,7 @@ LOAD_DELAY_ENV = "TABMODEL_SERVING_LOAD_DELAY"
 
 @dataclass
 class ServerConfig:
-    """Where the server finds its model."""
+    """Model location settings of the server."""
 
     model: str | None = None
     endpoint: str = registry.DEFAULT_ENDPOINT
@@ -190,7 +190,7 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
             return Response(status_code=400)
         except Exception:
             # A bug or a model failure, not a client error: logged with its
-            # traceback, answered without details, and the worker keeps serving.
+            # traceback, returned without details, and the worker keeps serving.
             log.exception("request %s failed", request_id)
             return JSONResponse(
                 {"error": "Internal server error.", "request_id": request_id},

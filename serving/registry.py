@@ -21,7 +21,7 @@ DEFAULT_ENDPOINT = "income"
 
 
 def home() -> Path:
-    """Return the directory that holds local endpoints."""
+    """Return the directory that contains local endpoints."""
     return Path(os.environ.get(HOME_ENV) or Path.home() / ".tabmodel")
 
 

@@ -85,7 +85,7 @@ def read_channel(directory: str | os.PathLike) -> pl.DataFrame:
     """Read and concatenate the parquet files of a channel directory, by name.
 
     Raises:
-        FileNotFoundError: the directory holds no `*.parquet` file.
+        FileNotFoundError: the directory contains no `*.parquet` file.
     """
     files = sorted(Path(directory).rglob("*.parquet"))
     if not files:

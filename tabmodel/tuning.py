@@ -880,7 +880,7 @@ def _rerun_stale_trials(storage, config: WorkerConfig, objective: Objective) -> 
             idle_deadline = time.monotonic() + grace_period
         elif time.monotonic() > idle_deadline:
             # Workers with trials left ran nothing for the grace period, so
-            # they died between trials and nobody will run their trials.
+            # they died between trials and no worker will run their trials.
             log.warning(
                 "worker %d: workers %s ran no trial for %d s; stopped waiting",
                 config.worker,
@@ -952,7 +952,7 @@ def fail_orphaned_trials(url: str, study_name: str, run_key: str) -> list[int]:
     """Mark this run's trials that are still running as failed.
 
     Call this only after every worker of the run ended: a trial still running
-    then belongs to a worker that died, and nobody else will finish it.
+    then belongs to a worker that died, and no other worker will finish it.
 
     Returns:
         The numbers of the trials marked failed.
