@@ -204,6 +204,7 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
             raise RequestError(
                 503, "The model is not loaded yet; retry after /ping returns 200."
             )
+
         accept = request.headers.get("accept", "")
         response_type = _response_type(accept)
         if response_type is None:
@@ -213,6 +214,7 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
                 received=accept[:64],
                 expected="application/json or text/csv",
             )
+
         body = await _read_limited(request)
         columns = parse_body(body, request.headers.get("content-type", ""))
         rows = len(next(iter(columns.values())))
@@ -220,6 +222,7 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
             probabilities = await run_in_threadpool(predictor.predict, columns)
         else:
             probabilities = predictor.predict(columns)
+
         labels = predictor.labels(probabilities)
         headers = {"x-request-id": request_id, "x-model-version": predictor.version}
         if response_type == "text/csv":
@@ -231,6 +234,7 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
             return Response(
                 "\n".join(lines) + "\n", media_type="text/csv", headers=headers
             )
+
         predictions = [
             {"probability": round(float(p), 6), "label": label}
             for p, label in zip(probabilities, labels, strict=True)

@@ -28,8 +28,9 @@ def deploy_package(
     the sagemaker target only; see `serving.sagemaker.deploy_sagemaker`.
 
     Returns:
-        A record of the deployment: target, endpoint name, model version and,
-        for a local endpoint, the directory the server reads; for SageMaker,
+        A record of the deployment: target, endpoint name and model version.
+        A local deploy adds the directory the server reads. A SageMaker deploy
+        adds
         the model and endpoint configuration names and the smoke request.
     """
     if target == "none":

@@ -190,15 +190,17 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
 
 
 def s3_client():
-    """Create a boto3 S3 client for the datastore's S3 endpoint.
+    """Create a boto3 S3 client from Metaflow's S3 configuration.
 
-    METAFLOW_S3_ENDPOINT_URL selects an S3-compatible store, as it does for
-    Metaflow; without it boto3 uses AWS_ENDPOINT_URL_S3 or the AWS endpoint.
+    The endpoint and certificate settings are the ones ingest uses
+    (`tabmodel.data.s3_client_options`), so METAFLOW_S3_ENDPOINT_URL selects an
+    S3-compatible store for packages as it does for data and the datastore.
     """
     import boto3
 
-    endpoint = os.environ.get("METAFLOW_S3_ENDPOINT_URL") or None
-    return boto3.client("s3", endpoint_url=endpoint)
+    from tabmodel.data import s3_client_options
+
+    return boto3.session.Session().client("s3", **s3_client_options())
 
 
 # Error codes for a missing object (HEAD returns no body, so only the status)

@@ -19,8 +19,8 @@ TABMODEL_CHECKPOINT_DIR     /opt/ml/checkpoints           checkpoint per epoch
 SageMaker uploads SM_MODEL_DIR as `model.tar.gz`, so the entry point writes the
 package layout of `tabmodel.packaging` there and the artifact is a package that
 `fetch_package` reads. With a checkpoint configured, SageMaker syncs the
-checkpoint directory to S3 and restores it when a spot instance is replaced;
-the entry point then resumes from the last saved epoch.
+checkpoint directory to S3 and restores it when a spot instance is replaced.
+The entry point then resumes from the last saved epoch.
 
 Hyperparameters are the model parameters of `tabmodel.training` plus the
 control keys `epochs`, `seed`, `run` and `train_on_validation`. SageMaker

@@ -506,7 +506,7 @@ def is_transient(error: BaseException) -> bool:
     return False
 
 
-def retry_transient(function: Callable, what: str, url: str, worker: int = -1):
+def retry_transient(function: Callable, operation: str, url: str, worker: int = -1):
     """Call `function`, retrying transient database errors with backoff.
 
     Raises:
@@ -526,7 +526,7 @@ def retry_transient(function: Callable, what: str, url: str, worker: int = -1):
                     "worker %d: %s failed with a transient storage error, "
                     "retry %d of %d in %.1f s: %s",
                     worker,
-                    what,
+                    operation,
                     attempt + 1,
                     STORAGE_ATTEMPTS - 1,
                     delay,

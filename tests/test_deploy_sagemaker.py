@@ -1,8 +1,8 @@
 """`--deploy-target sagemaker` against moto's server mode on 127.0.0.1.
 
-moto accepts any image URI and role and marks endpoints InService at once;
-its InvokeEndpoint returns a canned body, so the smoke request is recorded as
-unparsed. moto 5.2.5 does not implement UpdateEndpoint (it answers HTTP 500),
+moto accepts any image URI and role and marks endpoints InService at once.
+Its InvokeEndpoint returns a canned body, so the smoke request is recorded as
+unparsed. moto 5.2.5 does not implement UpdateEndpoint (it returns HTTP 500),
 so the second-deploy test checks the request the deployer sends and marks the
 rest as an expected failure until moto supports it.
 """

@@ -836,7 +836,7 @@ def test_wrong_password_not_in_error(monkeypatch):
 
 
 def test_secret_opens_mysql(moto_env):
-    """The plain URL names host and database; the secret holds the credentials."""
+    """The plain URL names host and database; the secret contains the credentials."""
     with mysql_database() as name, mysql_user(name) as (user, password):
         arn = moto_env.create_secret({"username": user, "password": password})
         url = f"mysql+pymysql://{HOST}:{MYSQL_PORT}/{name}"
